@@ -1,0 +1,119 @@
+"""The CLI as users run it: `python -m wasm_gateway ...` in subprocesses against real origins."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, Subprocess, ThreadServer, free_port
+from tests.origins import echo_origin
+
+
+@pytest.fixture(scope="module")
+def origin() -> Iterator[ThreadServer]:
+    with ThreadServer(echo_origin) as server:
+        yield server
+
+
+def write_config(tmp_path: Path, origin_port: int, server: str = "") -> Path:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        f"""
+[server]
+{server}
+[upstreams.origin]
+targets = ["127.0.0.1:{origin_port}"]
+[[routes]]
+name = "all"
+path_prefix = "/"
+upstream = "origin"
+[log]
+access_log = false
+"""
+    )
+    return path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wasm_gateway", *args], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+
+
+def test_version() -> None:
+    result = run_cli("version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("wasm-gateway ")
+    assert "wasmtime" in result.stdout
+
+
+def test_check_ok_and_failing(tmp_path: Path, origin: ThreadServer) -> None:
+    good = write_config(tmp_path, origin.port)
+    result = run_cli("check", "--config", str(good))
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[upstreams.api]\ntargets = ["127.0.0.1:1"]\n[[routes]]\nupstream = "api2"\n')
+    result = run_cli("check", "--config", str(bad))
+    assert result.returncode == 1
+    assert f'{bad}: routes[0].upstream: unknown upstream "api2" (known: api)' in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_embedded_default() -> None:
+    port = free_port()
+    with Subprocess("serve", "--port", str(port), port=port) as gw:
+        response = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+        assert response.status_code == 200
+        assert response.json()["message"] == "hello from the demo origin"
+        assert httpx.get(f"http://127.0.0.1:{port}/admin/", timeout=10).status_code == 401
+        assert gw.stop() == 0
+        output = gw.output()
+    assert f"listening on http://127.0.0.1:{port}" in output
+    assert "curl" in output
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(tmp_path: Path, origin: ThreadServer) -> None:
+    port = free_port()
+    config = write_config(tmp_path, origin.port, server=f"port = {port}")
+    with Subprocess("serve", "--config", str(config), port=port) as gw:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [
+                pool.submit(httpx.get, f"http://127.0.0.1:{port}/slow?s=1.5", timeout=20) for _ in range(8)
+            ]
+            time.sleep(0.5)  # all eight are in flight at the origin
+            assert gw.proc is not None
+            gw.proc.terminate()
+            statuses = [f.result().status_code for f in futures]
+        assert statuses == [200] * 8
+        assert gw.proc.wait(20) == 0
+
+
+def test_metrics_add_up_across_two_workers(tmp_path: Path, origin: ThreadServer) -> None:
+    port = free_port()
+    config = write_config(tmp_path, origin.port, server=f"port = {port}")
+    with Subprocess("serve", "--config", str(config), "--workers", "2", port=port):
+        pids = set()
+        for i in range(40):
+            # A fresh connection per request, so the kernel spreads them over both workers.
+            with httpx.Client() as c:
+                response = c.get(f"http://127.0.0.1:{port}/echo/{i}")
+                assert response.status_code == 200
+        for _ in range(20):
+            with httpx.Client() as c:
+                text = c.get(f"http://127.0.0.1:{port}/metrics").text
+                pids.update(re.findall(r'pid="(\d+)"', text))
+        counts = re.findall(
+            r'^wasm_gateway_request_duration_seconds_count\{method="GET",route="all",status_class="2xx"\} (\S+)$',
+            text,
+            re.M,
+        )
+        assert counts and float(counts[0]) == 40.0, text[:2000]

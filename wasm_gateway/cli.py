@@ -1,0 +1,186 @@
+"""Command line: ``wasm-gateway serve | check | compile | version``. The only module that prints and exits."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from . import __version__
+from .config import GatewayConfig, load_config
+from .exceptions import GatewayError
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="wasm-gateway", description="An ASGI gateway running Proxy-Wasm filters."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway (with no --config: the embedded demo)")
+    serve.add_argument("--config", "-c", help="TOML config file (default: the embedded demo config)")
+    serve.add_argument("--host", help="listen address (overrides server.host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    serve.add_argument("--workers", type=int, help="worker processes (overrides server.workers)")
+
+    check = sub.add_parser("check", help="validate a config and load every filter module; exit 0 or 1")
+    check.add_argument("--config", "-c", required=True)
+
+    compile_ = sub.add_parser("compile", help="precompile a Wasm module for this wasmtime and machine")
+    compile_.add_argument("module")
+    compile_.add_argument("-o", "--output", required=True)
+
+    sub.add_parser("version", help="print versions")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "check":
+            return _check(args.config)
+        if args.command == "compile":
+            return _compile(args.module, args.output)
+        return _version()
+    except GatewayError as exc:
+        print(f"wasm-gateway: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _version() -> int:
+    import wasmtime
+
+    print(f"wasm-gateway {__version__}")
+    print(f"python {platform.python_version()}")
+    print(f"wasmtime {getattr(wasmtime, '__version__', 'unknown')}")
+    return 0
+
+
+def _check(path: str) -> int:
+    config = load_config(path)
+    problems = _check_filters(config)
+    if problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return 1
+    print(
+        f"{path}: ok ({len(config.routes)} routes, {len(config.upstreams)} upstreams, {len(config.filters)} filters)"
+    )
+    return 0
+
+
+def _check_filters(config: GatewayConfig) -> list[str]:
+    """Load every filter module once (compile, link, start, configure); return the error messages."""
+    if not config.filters:
+        return []
+    try:
+        from .runtime import check_filters
+    except ImportError:  # pragma: no cover - runtime not built yet
+        return []
+    return check_filters(config)
+
+
+def _compile(module: str, output: str) -> int:
+    from .runtime.engine import precompile
+
+    precompile(Path(module), Path(output))
+    print(f"{output}: precompiled {module}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .examples import DEMO_ORIGIN_ENV, default_config_path
+    from .server import ServeOptions, ServerLimits, serve
+
+    env: dict[str, str] = {}
+    demo = args.config is None
+    if demo:
+        if DEMO_ORIGIN_ENV not in os.environ:
+            port = _start_demo_origin()
+            os.environ[DEMO_ORIGIN_ENV] = f"127.0.0.1:{port}"
+        env[DEMO_ORIGIN_ENV] = os.environ[DEMO_ORIGIN_ENV]
+        config_path = default_config_path()
+    else:
+        config_path = Path(args.config).resolve()
+    config = load_config(config_path)
+    problems = _check_filters(config)
+    if problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return 1
+    server = config.server
+    host = args.host or server.host
+    port = server.port if args.port is None else args.port
+    workers = args.workers or server.workers
+    env["WASM_GATEWAY_CONFIG"] = str(config_path)
+    os.environ["WASM_GATEWAY_CONFIG"] = str(config_path)
+
+    def started(bound_host: str, bound_port: int) -> None:
+        base = f"http://{'127.0.0.1' if bound_host in ('0.0.0.0', '::') else bound_host}:{bound_port}"
+        print(
+            f"wasm-gateway {__version__} listening on {base} ({workers} worker{'s' if workers > 1 else ''})"
+        )
+        if demo:
+            print("embedded demo config; try:")
+            print(f"  curl {base}/")
+            print(f"  curl {base}/echo")
+            print(f"  curl -i {base}/admin/   # 401 without an Authorization header")
+        print(f"health: {base}{server.health_path}  metrics: {base}{config.metrics.path}", flush=True)
+
+    options = ServeOptions(
+        app="wasm_gateway.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        limits=ServerLimits(
+            max_header_bytes=server.max_header_bytes,
+            max_header_count=server.max_header_count,
+            header_read_timeout=server.timeouts.header_read,
+            body_read_timeout=server.timeouts.body_read,
+        ),
+        max_concurrent_requests=server.max_concurrent_requests,
+        keepalive_timeout=server.timeouts.idle,
+        graceful_shutdown_timeout=server.timeouts.graceful_shutdown,
+        log_level=config.log.level,
+        metrics_multiproc_dir=_multiproc_dir(workers),
+        env=env,
+        on_started=started,
+    )
+    return serve(options)
+
+
+def _multiproc_dir(workers: int) -> str | None:
+    if workers <= 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.path.join(
+        os.environ.get("TMPDIR", "/tmp"), f"wasm-gateway-metrics-{os.getpid()}"
+    )
+
+
+def _start_demo_origin() -> int:
+    """Serve the demo origin from a daemon thread on a free loopback port; return the port."""
+    import uvicorn
+
+    from .examples import demo_origin
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port: int = sock.getsockname()[1]
+    config = uvicorn.Config(demo_origin, log_level="warning", access_log=False, lifespan="off")
+    server = uvicorn.Server(config)  # off the main thread uvicorn leaves signals alone
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="demo-origin")
+    thread.start()
+    return port
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,828 @@
+"""Configuration: one TOML file -> typed, validated, immutable objects.
+
+``load_config(path)`` reads the file, interpolates ``${ENV_VAR}`` (and ``${ENV_VAR:-default}``) in strings,
+validates every section and raises one :class:`ConfigError` listing every problem, each naming the file, the key
+path, the bad value and what is expected::
+
+    gateway.toml: routes[2].upstream: unknown upstream "api2" (known: api, static)
+
+Nothing here opens sockets or loads Wasm; ``app.py`` builds the runtime from these objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import orjson
+
+from .exceptions import ConfigError
+
+__all__ = [
+    "FilterConfig",
+    "GatewayConfig",
+    "LogConfig",
+    "MetricsConfig",
+    "RouteConfig",
+    "ServerConfig",
+    "TimeoutsConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
+
+APP_TARGET = "app"
+"""Route target meaning "the wrapped ASGI app" (middleware mode, or the built-in demo origin)."""
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    header_read: float = 10.0
+    body_read: float = 60.0
+    upstream_connect: float = 5.0
+    upstream_read: float = 60.0
+    idle: float = 5.0
+    graceful_shutdown: float = 30.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_concurrent_requests: int = 1024
+    max_request_body_bytes: int = 10 * 1024 * 1024
+    max_header_bytes: int = 60 * 1024
+    max_header_count: int = 100
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    health_path: str = "/healthz"
+    ready_path: str = "/readyz"
+    request_id_header: str = "x-request-id"
+    via: str = "wasm-gateway"
+    unmatched: Literal["404", "app"] | None = None
+    """What a request matching no route gets: "404" (JSON), or "app" (the wrapped ASGI app). Default: the app
+    when one is wrapped (middleware mode), else 404."""
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    scheme: str = "http"
+
+    @property
+    def authority(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    targets: tuple[Target, ...]
+    keepalive: int = 64
+    retries: int = 1
+    host_header: Literal["preserve", "rewrite"] = "preserve"
+    eject_after_failures: int = 3
+    eject_seconds: float = 10.0
+    connect_timeout: float | None = None
+    read_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class FilterPoolConfig:
+    min: int = 1
+    max: int = 16
+    idle_seconds: float = 60.0
+    recycle_after: int = 10_000
+    borrow_timeout: float = 1.0
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    name: str
+    module: Path
+    configuration: bytes = b""
+    root_id: str = ""
+    vm_configuration: bytes = b""
+    failure_policy: Literal["fail_closed", "fail_open"] = "fail_closed"
+    pool: FilterPoolConfig = field(default_factory=FilterPoolConfig)
+    memory_limit_bytes: int = 64 * 1024 * 1024
+    callback_timeout_ms: int = 100
+    fuel: int = 0
+    env: Mapping[str, str] = field(default_factory=dict)
+    allowed_dirs: tuple[Path, ...] = ()
+    log_level: str = "info"
+    max_body_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    name: str
+    upstream: str | None
+    """Upstream name, or None when the target is the wrapped ASGI app."""
+    hosts: tuple[str, ...] = ()
+    path: str | None = None
+    path_prefix: str | None = None
+    path_pattern: str | None = None
+    methods: tuple[str, ...] = ()
+    filters: tuple[str, ...] = ()
+    require_headers: tuple[str, ...] = ()
+    """Header names that must be present (401 otherwise): a minimal guard until a filter does real auth."""
+    keep_encoded_slashes: bool = False
+    strip_prefix: bool = False
+
+    @property
+    def target_is_app(self) -> bool:
+        return self.upstream is None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    path: str = "/metrics"
+    port: int | None = None
+    """Serve metrics on a separate port (on server.host) instead of on the main listener."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: Literal["json", "logfmt"] = "json"
+    path: str | None = None
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
+    filters: Mapping[str, FilterConfig] = field(default_factory=dict)
+    routes: tuple[RouteConfig, ...] = ()
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = "<config>"
+    """Where the config came from (file path), for messages."""
+    cache_dir: Path | None = None
+    """Directory for precompiled Wasm modules (None: a per-user cache directory)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read and validate a TOML config file; raise :class:`ConfigError` naming every problem."""
+    p = Path(path)
+    label = str(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{label}: file not found (pass an existing TOML file with --config)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{label}: cannot read: {exc}") from None
+    return parse_config(text, source=label, base_dir=p.parent, env=env)
+
+
+def parse_config(
+    text: str,
+    *,
+    source: str = "<config>",
+    base_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> GatewayConfig:
+    """Validate TOML text; relative module paths resolve against ``base_dir`` (default: cwd)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    v = _Validator(source, base_dir or Path.cwd(), os.environ if env is None else env)
+    config = v.gateway(raw)
+    if v.errors:
+        if len(v.errors) == 1:
+            raise ConfigError(v.errors[0], v.errors)
+        raise ConfigError(f"{len(v.errors)} errors:\n" + "\n".join(v.errors), v.errors)
+    return config
+
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+T = TypeVar("T")
+
+
+class _Invalid(Exception):
+    """Internal: a value failed validation; the message is already recorded."""
+
+
+class _Validator:
+    def __init__(self, source: str, base_dir: Path, env: Mapping[str, str]) -> None:
+        self.source = source
+        self.base_dir = base_dir
+        self.env = env
+        self.errors: list[str] = []
+
+    # -- primitives -------------------------------------------------------------------------------------------
+
+    def error(self, key: str, message: str) -> _Invalid:
+        self.errors.append(f"{self.source}: {key}: {message}")
+        return _Invalid()
+
+    def interpolate(self, key: str, value: str) -> str:
+        def repl(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in self.env:
+                return self.env[name]
+            if default is not None:
+                return default
+            raise self.error(
+                key, f"environment variable {name} is not set (set it, or write ${{{name}:-default}})"
+            )
+
+        return _ENV_RE.sub(repl, value) if "${" in value else value
+
+    def table(self, key: str, value: object) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a table, got {_show(value)}")
+        return value
+
+    def unknown_keys(self, key: str, table: Mapping[str, object], known: set[str]) -> None:
+        for k in table:
+            if k not in known:
+                hint = ", ".join(sorted(known))
+                self.error(f"{key}.{k}" if key else k, f"unknown key (known: {hint})")
+
+    def get(
+        self,
+        table: Mapping[str, object],
+        key: str,
+        name: str,
+        check: Callable[[str, object], T],
+        default: T,
+    ) -> T:
+        if name not in table:
+            return default
+        path = f"{key}.{name}" if key else name
+        try:
+            return check(path, table[name])
+        except _Invalid:
+            return default
+
+    def string(self, key: str, value: object) -> str:
+        if not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {_show(value)}")
+        return self.interpolate(key, value)
+
+    def boolean(self, key: str, value: object) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {_show(value)}")
+        return value
+
+    def int_range(self, lo: int, hi: int | None = None) -> Callable[[str, object], int]:
+        def check(key: str, value: object) -> int:
+            if isinstance(value, str):
+                value = self.interpolate(key, value)
+                try:
+                    value = int(str(value))
+                except ValueError:
+                    raise self.error(key, f"expected an integer, got {_show(value)}") from None
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.error(key, f"expected an integer, got {_show(value)}")
+            if value < lo or (hi is not None and value > hi):
+                bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+                raise self.error(key, f"{value} is out of range (expected an integer {bound})")
+            return value
+
+        return check
+
+    def seconds(self, key: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"expected a number of seconds, got {_show(value)}")
+        if value <= 0:
+            raise self.error(key, f"{value} is out of range (expected a number of seconds > 0)")
+        return float(value)
+
+    def choice(self, *options: str) -> Callable[[str, object], str]:
+        def check(key: str, value: object) -> str:
+            s = self.string(key, value)
+            if s not in options:
+                raise self.error(key, f"{_show(value)} is not one of: {', '.join(options)}")
+            return s
+
+        return check
+
+    def string_list(self, key: str, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise self.error(key, f"expected a list of strings, got {_show(value)}")
+        out = []
+        for i, item in enumerate(value):
+            with contextlib.suppress(_Invalid):
+                out.append(self.string(f"{key}[{i}]", item))
+        return tuple(out)
+
+    def url_path(self, key: str, value: object) -> str:
+        s = self.string(key, value)
+        if not s.startswith("/"):
+            raise self.error(key, f"{_show(s)} must start with '/'")
+        if (
+            any(c in s for c in "?#%\\")
+            or "//" in s
+            or "/./" in s
+            or "/../" in s
+            or s.endswith(("/.", "/.."))
+        ):
+            raise self.error(
+                key,
+                f"{_show(s)} must be a canonical path (no '?', '#', '%', '\\', '//', '.' or '..' segments)",
+            )
+        return s
+
+    # -- sections ---------------------------------------------------------------------------------------------
+
+    def gateway(self, raw: dict[str, Any]) -> GatewayConfig:
+        self.unknown_keys(
+            "",
+            raw,
+            {"server", "upstreams", "filters", "routes", "trusted_proxies", "metrics", "log", "cache_dir"},
+        )
+        server = self.server(raw.get("server", {}))
+        upstreams = self.upstreams(raw.get("upstreams", {}))
+        filters = self.filters(raw.get("filters", {}))
+        routes = self.routes(raw.get("routes", []), upstreams, filters)
+        trusted = self.trusted_proxies(raw.get("trusted_proxies", []))
+        metrics = self.metrics(raw.get("metrics", {}))
+        log = self.log(raw.get("log", {}))
+        cache_dir = self.get(raw, "", "cache_dir", lambda k, v: self.base_dir / self.string(k, v), None)
+        reserved = {server.health_path, server.ready_path}
+        if metrics.enabled and metrics.port is None:
+            reserved.add(metrics.path)
+        if len(reserved) < 2 + (metrics.enabled and metrics.port is None):
+            self.error("server", "health_path, ready_path and metrics.path must be distinct")
+        return GatewayConfig(
+            server=server,
+            upstreams=upstreams,
+            filters=filters,
+            routes=routes,
+            trusted_proxies=trusted,
+            metrics=metrics,
+            log=log,
+            source=self.source,
+            cache_dir=cache_dir,
+        )
+
+    def server(self, raw: object) -> ServerConfig:
+        try:
+            t = self.table("server", raw)
+        except _Invalid:
+            return ServerConfig()
+        d = ServerConfig()
+        self.unknown_keys(
+            "server",
+            t,
+            {
+                "host",
+                "port",
+                "listen",
+                "workers",
+                "max_concurrent_requests",
+                "max_request_body_bytes",
+                "max_header_bytes",
+                "max_header_count",
+                "timeouts",
+                "health_path",
+                "ready_path",
+                "request_id_header",
+                "via",
+                "unmatched",
+            },
+        )
+        host, port = d.host, d.port
+        if "listen" in t:
+            with contextlib.suppress(_Invalid):
+                host, port = self.host_port("server.listen", t["listen"])
+        host = self.get(t, "server", "host", self.string, host)
+        port = self.get(t, "server", "port", self.int_range(0, 65535), port)
+        timeouts = self.timeouts(t.get("timeouts", {}))
+        header_name = self.get(t, "server", "request_id_header", self.header_name, d.request_id_header)
+        return ServerConfig(
+            host=host,
+            port=port,
+            workers=self.get(t, "server", "workers", self.int_range(1, 256), d.workers),
+            max_concurrent_requests=self.get(
+                t, "server", "max_concurrent_requests", self.int_range(1), d.max_concurrent_requests
+            ),
+            max_request_body_bytes=self.get(
+                t, "server", "max_request_body_bytes", self.int_range(0), d.max_request_body_bytes
+            ),
+            max_header_bytes=self.get(
+                t, "server", "max_header_bytes", self.int_range(1024), d.max_header_bytes
+            ),
+            max_header_count=self.get(t, "server", "max_header_count", self.int_range(1), d.max_header_count),
+            timeouts=timeouts,
+            health_path=self.get(t, "server", "health_path", self.url_path, d.health_path),
+            ready_path=self.get(t, "server", "ready_path", self.url_path, d.ready_path),
+            request_id_header=header_name.lower(),
+            via=self.get(t, "server", "via", self.string, d.via),
+            unmatched=self.get(t, "server", "unmatched", self.choice("404", "app"), None),  # type: ignore[arg-type]
+        )
+
+    def header_name(self, key: str, value: object) -> str:
+        s = self.string(key, value)
+        if not _HEADER_NAME_RE.match(s):
+            raise self.error(key, f"{_show(s)} is not a valid header name")
+        return s
+
+    def timeouts(self, raw: object) -> TimeoutsConfig:
+        try:
+            t = self.table("server.timeouts", raw)
+        except _Invalid:
+            return TimeoutsConfig()
+        d = TimeoutsConfig()
+        names = ("header_read", "body_read", "upstream_connect", "upstream_read", "idle", "graceful_shutdown")
+        self.unknown_keys("server.timeouts", t, set(names))
+        values = {n: self.get(t, "server.timeouts", n, self.seconds, getattr(d, n)) for n in names}
+        return TimeoutsConfig(**values)
+
+    def host_port(self, key: str, value: object) -> tuple[str, int]:
+        s = self.string(key, value)
+        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:/\s\[\]]+):(\d{1,5})", s)
+        if not m:
+            raise self.error(key, f'{_show(s)} is not host:port (e.g. "127.0.0.1:8080")')
+        host = m.group(1) or m.group(3)
+        port = int(m.group(2) or m.group(4))
+        if port > 65535:
+            raise self.error(key, f"port {port} in {_show(s)} is out of range (0-65535)")
+        return host, port
+
+    def target(self, key: str, value: object) -> Target:
+        s = self.string(key, value)
+        scheme = "http"
+        m = re.match(r"^([a-z][a-z0-9+.-]*)://", s)
+        if m:
+            scheme = m.group(1)
+            if scheme not in ("http", "https"):
+                raise self.error(key, f"{_show(s)}: scheme {scheme!r} is not supported (use http or https)")
+            s = s[m.end() :].rstrip("/")
+            if "/" in s:
+                raise self.error(key, f"{_show(value)}: a target is host:port only, without a path")
+        if ":" not in s.replace("[", "").split("]")[-1] and not s.startswith("["):
+            s = f"{s}:{443 if scheme == 'https' else 80}"
+        host, port = self.host_port(key, s)
+        if port == 0:
+            raise self.error(key, f"{_show(value)}: port 0 is not a valid target port")
+        return Target(host=host, port=port, scheme=scheme)
+
+    def named_tables(self, key: str, raw: object) -> list[tuple[str, str, dict[str, Any]]]:
+        try:
+            t = self.table(key, raw)
+        except _Invalid:
+            return []
+        out = []
+        for name, value in t.items():
+            path = f"{key}.{name}"
+            if not _NAME_RE.match(name):
+                self.error(path, f"name {name!r} must be 1-64 letters, digits, '_', '.', '-'")
+                continue
+            with contextlib.suppress(_Invalid):
+                out.append((name, path, self.table(path, value)))
+        return out
+
+    def upstreams(self, raw: object) -> dict[str, UpstreamConfig]:
+        out: dict[str, UpstreamConfig] = {}
+        for name, key, t in self.named_tables("upstreams", raw):
+            self.unknown_keys(
+                key,
+                t,
+                {
+                    "targets",
+                    "keepalive",
+                    "retries",
+                    "host_header",
+                    "eject_after_failures",
+                    "eject_seconds",
+                    "connect_timeout",
+                    "read_timeout",
+                },
+            )
+            if "targets" not in t:
+                self.error(key, 'missing "targets" (e.g. targets = ["127.0.0.1:9000"])')
+                continue
+            raw_targets = t["targets"]
+            if isinstance(raw_targets, str):
+                raw_targets = [raw_targets]
+            if not isinstance(raw_targets, list) or not raw_targets:
+                self.error(
+                    f"{key}.targets", f'expected a non-empty list of "host:port", got {_show(raw_targets)}'
+                )
+                continue
+            targets = []
+            for i, item in enumerate(raw_targets):
+                with contextlib.suppress(_Invalid):
+                    targets.append(self.target(f"{key}.targets[{i}]", item))
+            d = UpstreamConfig(name=name, targets=())
+            out[name] = UpstreamConfig(
+                name=name,
+                targets=tuple(targets),
+                keepalive=self.get(t, key, "keepalive", self.int_range(1, 100_000), d.keepalive),
+                retries=self.get(t, key, "retries", self.int_range(0, 10), d.retries),
+                host_header=self.get(
+                    t, key, "host_header", self.choice("preserve", "rewrite"), d.host_header
+                ),  # type: ignore[arg-type]
+                eject_after_failures=self.get(
+                    t, key, "eject_after_failures", self.int_range(1, 1000), d.eject_after_failures
+                ),
+                eject_seconds=self.get(t, key, "eject_seconds", self.seconds, d.eject_seconds),
+                connect_timeout=self.get(t, key, "connect_timeout", self.seconds, None),
+                read_timeout=self.get(t, key, "read_timeout", self.seconds, None),
+            )
+        return out
+
+    def filters(self, raw: object) -> dict[str, FilterConfig]:
+        out: dict[str, FilterConfig] = {}
+        for name, key, t in self.named_tables("filters", raw):
+            self.unknown_keys(
+                key,
+                t,
+                {
+                    "module",
+                    "configuration",
+                    "root_id",
+                    "vm_configuration",
+                    "failure_policy",
+                    "pool",
+                    "memory_limit_bytes",
+                    "callback_timeout_ms",
+                    "fuel",
+                    "env",
+                    "allowed_dirs",
+                    "log_level",
+                    "max_body_bytes",
+                },
+            )
+            if "module" not in t:
+                self.error(key, 'missing "module" (path to a Proxy-Wasm .wasm file)')
+                continue
+            try:
+                module = self.module_path(f"{key}.module", t["module"])
+            except _Invalid:
+                continue
+            d = FilterConfig(name=name, module=module)
+            out[name] = FilterConfig(
+                name=name,
+                module=module,
+                configuration=self.get(t, key, "configuration", self.blob, b""),
+                root_id=self.get(t, key, "root_id", self.string, ""),
+                vm_configuration=self.get(t, key, "vm_configuration", self.blob, b""),
+                failure_policy=self.get(
+                    t, key, "failure_policy", self.choice("fail_closed", "fail_open"), d.failure_policy
+                ),  # type: ignore[arg-type]
+                pool=self.filter_pool(f"{key}.pool", t.get("pool", {})),
+                memory_limit_bytes=self.get(
+                    t, key, "memory_limit_bytes", self.int_range(65536, 4 * 1024**3), d.memory_limit_bytes
+                ),
+                callback_timeout_ms=self.get(
+                    t, key, "callback_timeout_ms", self.int_range(1, 60_000), d.callback_timeout_ms
+                ),
+                fuel=self.get(t, key, "fuel", self.int_range(0), 0),
+                env=self.get(t, key, "env", self.string_map, {}),
+                allowed_dirs=tuple(
+                    self.base_dir / p for p in self.get(t, key, "allowed_dirs", self.string_list, ())
+                ),
+                log_level=self.get(
+                    t,
+                    key,
+                    "log_level",
+                    self.choice("trace", "debug", "info", "warn", "error", "critical"),
+                    "info",
+                ),
+                max_body_bytes=self.get(t, key, "max_body_bytes", self.int_range(0), d.max_body_bytes),
+            )
+        return out
+
+    def module_path(self, key: str, value: object) -> Path:
+        s = self.string(key, value)
+        p = Path(s)
+        if not p.is_absolute():
+            p = self.base_dir / p
+        if not p.is_file():
+            raise self.error(key, f"module file not found: {p} (path is relative to the config file)")
+        return p
+
+    def blob(self, key: str, value: object) -> bytes:
+        if isinstance(value, str):
+            return self.interpolate(key, value).encode()
+        if isinstance(value, dict | list):
+            return orjson.dumps(self.interpolate_tree(key, value))
+        raise self.error(key, f"expected a string or a table (sent as JSON), got {_show(value)}")
+
+    def interpolate_tree(self, key: str, value: object) -> object:
+        if isinstance(value, str):
+            return self.interpolate(key, value)
+        if isinstance(value, dict):
+            return {k: self.interpolate_tree(f"{key}.{k}", v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.interpolate_tree(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        return value
+
+    def string_map(self, key: str, value: object) -> dict[str, str]:
+        t = self.table(key, value)
+        out = {}
+        for k, v in t.items():
+            with contextlib.suppress(_Invalid):
+                out[k] = self.string(f"{key}.{k}", v)
+        return out
+
+    def filter_pool(self, key: str, raw: object) -> FilterPoolConfig:
+        try:
+            t = self.table(key, raw)
+        except _Invalid:
+            return FilterPoolConfig()
+        d = FilterPoolConfig()
+        self.unknown_keys(key, t, {"min", "max", "idle_seconds", "recycle_after", "borrow_timeout"})
+        pool = FilterPoolConfig(
+            min=self.get(t, key, "min", self.int_range(0, 10_000), d.min),
+            max=self.get(t, key, "max", self.int_range(1, 10_000), d.max),
+            idle_seconds=self.get(t, key, "idle_seconds", self.seconds, d.idle_seconds),
+            recycle_after=self.get(t, key, "recycle_after", self.int_range(1), d.recycle_after),
+            borrow_timeout=self.get(t, key, "borrow_timeout", self.seconds, d.borrow_timeout),
+        )
+        if pool.min > pool.max:
+            self.error(f"{key}.min", f"{pool.min} is larger than {key}.max = {pool.max}")
+        return pool
+
+    def routes(
+        self, raw: object, upstreams: Mapping[str, UpstreamConfig], filters: Mapping[str, FilterConfig]
+    ) -> tuple[RouteConfig, ...]:
+        if not isinstance(raw, list):
+            self.error("routes", f"expected an array of tables ([[routes]]), got {_show(raw)}")
+            return ()
+        out: list[RouteConfig] = []
+        names: set[str] = set()
+        for i, item in enumerate(raw):
+            key = f"routes[{i}]"
+            try:
+                t = self.table(key, item)
+            except _Invalid:
+                continue
+            self.unknown_keys(
+                key,
+                t,
+                {
+                    "name",
+                    "host",
+                    "hosts",
+                    "path",
+                    "path_prefix",
+                    "path_pattern",
+                    "methods",
+                    "filters",
+                    "upstream",
+                    "app",
+                    "require_headers",
+                    "keep_encoded_slashes",
+                    "strip_prefix",
+                },
+            )
+            try:
+                route = self.route(key, i, t, upstreams, filters)
+            except _Invalid:
+                continue
+            if route.name in names:
+                self.error(f"{key}.name", f"duplicate route name {route.name!r} (route names must be unique)")
+            names.add(route.name)
+            out.append(route)
+        return tuple(out)
+
+    def route(
+        self,
+        key: str,
+        index: int,
+        t: dict[str, Any],
+        upstreams: Mapping[str, UpstreamConfig],
+        filters: Mapping[str, FilterConfig],
+    ) -> RouteConfig:
+        name = self.get(t, key, "name", self.string, f"route{index}")
+        if not _NAME_RE.match(name):
+            self.error(f"{key}.name", f"{name!r} must be 1-64 letters, digits, '_', '.', '-'")
+        matchers = [k for k in ("path", "path_prefix", "path_pattern") if k in t]
+        if len(matchers) > 1:
+            raise self.error(key, f"give one of path, path_prefix, path_pattern (got {', '.join(matchers)})")
+        path = self.get(t, key, "path", self.url_path, None)
+        prefix = self.get(t, key, "path_prefix", self.url_path, None)
+        pattern = self.get(t, key, "path_pattern", self.path_pattern, None)
+        if not matchers:
+            prefix = "/"
+        is_app = self.get(t, key, "app", self.boolean, False)
+        upstream: str | None = None
+        if "upstream" in t and is_app:
+            raise self.error(key, 'give either upstream = "name" or app = true, not both')
+        if "upstream" in t:
+            upstream = self.get(t, key, "upstream", self.string, None)
+            if upstream is not None and upstream not in upstreams:
+                known = ", ".join(sorted(upstreams)) or "none defined"
+                raise self.error(f"{key}.upstream", f'unknown upstream "{upstream}" (known: {known})')
+        elif not is_app:
+            raise self.error(key, 'missing target: upstream = "name" (from [upstreams]) or app = true')
+        hosts = self.get(t, key, "hosts", self.string_list, ())
+        if "host" in t:
+            hosts = (*hosts, *self.get(t, key, "host", self.string_list, ()))
+        hosts = tuple(h.lower() for h in hosts)
+        methods = self.get(t, key, "methods", self.string_list, ())
+        for j, m in enumerate(methods):
+            if m.upper() not in HTTP_METHODS:
+                self.error(
+                    f"{key}.methods[{j}]", f"{m!r} is not an HTTP method ({', '.join(sorted(HTTP_METHODS))})"
+                )
+        route_filters = self.get(t, key, "filters", self.string_list, ())
+        for j, f in enumerate(route_filters):
+            if f not in filters:
+                known = ", ".join(sorted(filters)) or "none defined"
+                self.error(f"{key}.filters[{j}]", f'unknown filter "{f}" (known: {known})')
+        return RouteConfig(
+            name=name,
+            upstream=upstream,
+            hosts=hosts,
+            path=path,
+            path_prefix=prefix,
+            path_pattern=pattern,
+            methods=tuple(m.upper() for m in methods),
+            filters=route_filters,
+            require_headers=tuple(
+                h.lower() for h in self.get(t, key, "require_headers", self.string_list, ())
+            ),
+            keep_encoded_slashes=self.get(t, key, "keep_encoded_slashes", self.boolean, False),
+            strip_prefix=self.get(t, key, "strip_prefix", self.boolean, False),
+        )
+
+    def path_pattern(self, key: str, value: object) -> str:
+        s = self.string(key, value)
+        plain = re.sub(r"\{[A-Za-z_][A-Za-z0-9_]*(:path)?\}", "x", s)
+        if not plain.startswith("/") or "{" in plain or "}" in plain:
+            raise self.error(
+                key, f'{_show(s)} is not a path pattern (e.g. "/users/{{id}}" or "/files/{{rest:path}}")'
+            )
+        self.url_path(key, plain)
+        return s
+
+    def trusted_proxies(self, raw: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        out = []
+        for i, s in enumerate(
+            self.get({"trusted_proxies": raw}, "", "trusted_proxies", self.string_list, ())
+        ):
+            try:
+                out.append(ipaddress.ip_network(s, strict=False))
+            except ValueError:
+                self.error(f"trusted_proxies[{i}]", f'{s!r} is not an IP address or CIDR (e.g. "10.0.0.0/8")')
+        return tuple(out)
+
+    def metrics(self, raw: object) -> MetricsConfig:
+        try:
+            t = self.table("metrics", raw)
+        except _Invalid:
+            return MetricsConfig()
+        d = MetricsConfig()
+        self.unknown_keys("metrics", t, {"enabled", "path", "port"})
+        return MetricsConfig(
+            enabled=self.get(t, "metrics", "enabled", self.boolean, d.enabled),
+            path=self.get(t, "metrics", "path", self.url_path, d.path),
+            port=self.get(t, "metrics", "port", self.int_range(1, 65535), None),
+        )
+
+    def log(self, raw: object) -> LogConfig:
+        try:
+            t = self.table("log", raw)
+        except _Invalid:
+            return LogConfig()
+        d = LogConfig()
+        self.unknown_keys("log", t, {"level", "format", "path", "access_log"})
+        return LogConfig(
+            level=self.get(
+                t, "log", "level", self.choice("debug", "info", "warning", "error", "critical"), d.level
+            ),
+            format=self.get(t, "log", "format", self.choice("json", "logfmt"), d.format),  # type: ignore[arg-type]
+            path=self.get(t, "log", "path", self.string, None),
+            access_log=self.get(t, "log", "access_log", self.boolean, d.access_log),
+        )
+
+
+def _show(value: object) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return repr(value)

@@ -1,0 +1,106 @@
+"""Every error wasm-gateway raises, in one tree.
+
+Library errors (OSError, httptools.HttpParserError, wasmtime.WasmtimeError, tomllib.TOMLDecodeError, ...)
+are translated into these at the boundary where they happen, so callers catch one family::
+
+    GatewayError
+    ├── ConfigError                 bad configuration: file, key path, value and what is expected
+    ├── FilterError                 anything about a Wasm filter
+    │   ├── FilterLoadError         module cannot be compiled, linked, started or configured
+    │   ├── FilterTrapError         the guest trapped (incl. proc_exit with a non-zero code)
+    │   ├── FilterTimeoutError      a callback ran past its time (epoch) or fuel budget
+    │   ├── FilterPoolTimeout       no instance became free within the borrow timeout
+    │   └── FilterProtocolError     a host-call pattern the ABI forbids (e.g. invalid header set)
+    └── UpstreamError               talking to an origin failed
+        ├── UpstreamConnectError    refused / unreachable / every target ejected  -> 502
+        ├── UpstreamTimeoutError    connect or read timed out                     -> 504
+        ├── UpstreamProtocolError   malformed or oversized response head          -> 502
+        └── UpstreamBodyError       the response body broke off mid-stream        -> abort client response
+
+Request-level rejections (400, 404, 413, ...) are answers, not exceptions: they are produced by the request
+path directly and never surface as Python errors to the client.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "FilterError",
+    "FilterLoadError",
+    "FilterPoolTimeout",
+    "FilterProtocolError",
+    "FilterTimeoutError",
+    "FilterTrapError",
+    "GatewayError",
+    "UpstreamBodyError",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamTimeoutError",
+]
+
+
+class GatewayError(Exception):
+    """Base of every error raised by wasm-gateway."""
+
+
+class ConfigError(GatewayError):
+    """Invalid configuration. ``str(err)`` is the full message; ``errors`` lists each problem found."""
+
+    def __init__(self, message: str, errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors if errors is not None else [message]
+
+
+class FilterError(GatewayError):
+    """A Wasm filter failed. ``filter_name`` names the configured filter, when known."""
+
+    def __init__(self, message: str, filter_name: str | None = None) -> None:
+        super().__init__(message)
+        self.filter_name = filter_name
+
+
+class FilterLoadError(FilterError):
+    """The module could not be compiled, linked, started or configured."""
+
+
+class FilterTrapError(FilterError):
+    """The guest trapped."""
+
+
+class FilterTimeoutError(FilterError):
+    """A callback exceeded its time or fuel budget."""
+
+
+class FilterPoolTimeout(FilterError):
+    """No pooled instance became free in time."""
+
+
+class FilterProtocolError(FilterError):
+    """The guest used the ABI in a way the host refuses (e.g. set an invalid header)."""
+
+
+class UpstreamError(GatewayError):
+    """Talking to an upstream failed. ``kind`` is a short, bounded label used in metrics."""
+
+    kind = "error"
+
+    def __init__(self, message: str, target: str | None = None) -> None:
+        super().__init__(message)
+        self.target = target
+
+
+class UpstreamConnectError(UpstreamError):
+    kind = "connect"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    kind = "timeout"
+
+
+class UpstreamProtocolError(UpstreamError):
+    kind = "protocol"
+
+
+class UpstreamBodyError(UpstreamError):
+    kind = "body"

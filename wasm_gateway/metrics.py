@@ -1,0 +1,158 @@
+"""Prometheus metrics: definitions (once per process), cached label children, exposition.
+
+Names follow Prometheus conventions (``wasm_gateway_`` prefix, base units, ``_total`` counters) and labels are
+bounded: route and upstream names from the config, methods folded to a known set, status as a class (``2xx``).
+With several workers, ``PROMETHEUS_MULTIPROC_DIR`` is set by the CLI before workers start and exposition merges
+every worker's files (prometheus-client multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from . import __version__
+
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "GatewayMetrics",
+    "exposition",
+    "gateway_metrics",
+    "method_label",
+    "status_class",
+]
+
+# Latency buckets for a gateway: sub-millisecond resolution at the low end (Envoy's histogram starts at 0.5 ms).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+def method_label(method: str) -> str:
+    return method if method in _METHODS else "OTHER"
+
+
+def status_class(status: int) -> str:
+    index = status // 100 - 1
+    return _STATUS_CLASSES[index] if 0 <= index < 5 else "5xx"
+
+
+@dataclass(frozen=True)
+class GatewayMetrics:
+    request_duration: Histogram
+    upstream_duration: Histogram
+    in_flight: Gauge
+    upstream_errors: Counter
+    request_bytes: Counter
+    response_bytes: Counter
+    rejected: Counter
+    build_info: Gauge
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_children", {})
+
+    def request_child(self, route: str, method: str, status: int) -> Any:
+        # labels() costs a lock and a dict lookup per call; cache the child per label tuple.
+        key = (route, method, status // 100)
+        children: dict[tuple[str, str, int], Any] = self._children  # type: ignore[attr-defined]
+        child = children.get(key)
+        if child is None:
+            child = self.request_duration.labels(route, method_label(method), status_class(status))
+            children[key] = child
+        return child
+
+
+_metrics: GatewayMetrics | None = None
+
+
+def gateway_metrics() -> GatewayMetrics:
+    """The process's metric objects (created on first use; prometheus-client metrics are process-global)."""
+    global _metrics
+    if _metrics is None:
+        _metrics = _define(REGISTRY)
+    return _metrics
+
+
+def _define(registry: CollectorRegistry) -> GatewayMetrics:
+    import wasmtime  # imported here: its version is only needed for build info
+
+    build_info = Gauge(
+        "wasm_gateway_build_info",
+        "Versions of the running gateway (value is always 1).",
+        ["version", "python", "wasmtime"],
+        registry=registry,
+        multiprocess_mode="max",
+    )
+    build_info.labels(
+        __version__, platform.python_version(), getattr(wasmtime, "__version__", "unknown")
+    ).set(1)
+    return GatewayMetrics(
+        request_duration=Histogram(
+            "wasm_gateway_request_duration_seconds",
+            "Time from request start to the end of the response, by route, method and status class.",
+            ["route", "method", "status_class"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        ),
+        upstream_duration=Histogram(
+            "wasm_gateway_upstream_duration_seconds",
+            "Time from sending the upstream request to receiving its response head, by upstream.",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        ),
+        in_flight=Gauge(
+            "wasm_gateway_requests_in_flight",
+            "Requests being handled right now.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        ),
+        upstream_errors=Counter(
+            "wasm_gateway_upstream_errors_total",
+            "Upstream failures by upstream and kind (connect, timeout, protocol, body).",
+            ["upstream", "kind"],
+            registry=registry,
+        ),
+        request_bytes=Counter(
+            "wasm_gateway_request_bytes_total",
+            "Request body bytes received from clients, by route.",
+            ["route"],
+            registry=registry,
+        ),
+        response_bytes=Counter(
+            "wasm_gateway_response_bytes_total",
+            "Response body bytes sent to clients, by route.",
+            ["route"],
+            registry=registry,
+        ),
+        rejected=Counter(
+            "wasm_gateway_rejected_requests_total",
+            "Requests answered by the gateway itself before any route target, by reason.",
+            ["reason"],
+            registry=registry,
+        ),
+        build_info=build_info,
+    )
+
+
+def exposition() -> bytes:
+    """The Prometheus text exposition for this process, or for every worker in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)
