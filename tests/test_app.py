@@ -437,3 +437,10 @@ def test_concurrent_requests_all_succeed(gateway: ThreadServer) -> None:
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_one_date_header_and_request_id_on_proxied_response(gateway: ThreadServer) -> None:
+    answer = raw_request(gateway.port, b"GET /echo HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.count(b"\r\ndate: ") == 1
+    assert head.count(b"\r\nx-request-id: ") == 1

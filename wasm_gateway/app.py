@@ -75,7 +75,7 @@ class Gateway:
         self._start_lock: asyncio.Lock | None = None
         server = config.server
         # Unmatched requests go to the wrapped app in middleware mode unless the config says "404".
-        self._unmatched_to_app = app is not None and server.unmatched != "404"
+        self._fallback: ASGIApp | None = app if server.unmatched != "404" else None
         if app is None:
             for index, route in enumerate(config.routes):
                 if route.target_is_app:
@@ -216,8 +216,8 @@ class Gateway:
         match = self.table.match(normalize_host(host.decode("latin-1")), path, method)
         route = match.route
         if route is None:
-            if self._unmatched_to_app:
-                await self.app(scope, receive, send)
+            if self._fallback is not None:
+                await self._fallback(scope, receive, send)
                 return
             if match.status == 405:
                 exchange.extra_headers = [(b"allow", ", ".join(match.allow).encode())]
@@ -469,8 +469,8 @@ class Gateway:
         match = self.table.match(normalize_host(host.decode("latin-1")), canonical.path, "GET")
         route = match.route
         if route is None:
-            if self._unmatched_to_app:
-                await self.app(scope, receive, send)
+            if self._fallback is not None:
+                await self._fallback(scope, receive, send)
             else:
                 await send({"type": "websocket.close", "code": 1008})
             return

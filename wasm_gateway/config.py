@@ -218,6 +218,7 @@ _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 T = TypeVar("T")
+_NO_STRINGS: tuple[str, ...] = ()
 
 
 class _Invalid(Exception):
@@ -311,8 +312,9 @@ class _Validator:
             raise self.error(key, f"{value} is out of range (expected a number of seconds > 0)")
         return float(value)
 
-    def choice(self, *options: str) -> Callable[[str, object], str]:
-        def check(key: str, value: object) -> str:
+    def choice(self, *options: str) -> Callable[[str, object], Any]:
+        # Any: the caller's field is a Literal of exactly these options.
+        def check(key: str, value: object) -> Any:
             s = self.string(key, value)
             if s not in options:
                 raise self.error(key, f"{_show(value)} is not one of: {', '.join(options)}")
@@ -434,7 +436,7 @@ class _Validator:
             ready_path=self.get(t, "server", "ready_path", self.url_path, d.ready_path),
             request_id_header=header_name.lower(),
             via=self.get(t, "server", "via", self.string, d.via),
-            unmatched=self.get(t, "server", "unmatched", self.choice("404", "app"), None),  # type: ignore[arg-type]
+            unmatched=self.get(t, "server", "unmatched", self.choice("404", "app"), None),
         )
 
     def header_name(self, key: str, value: object) -> str:
@@ -538,7 +540,7 @@ class _Validator:
                 retries=self.get(t, key, "retries", self.int_range(0, 10), d.retries),
                 host_header=self.get(
                     t, key, "host_header", self.choice("preserve", "rewrite"), d.host_header
-                ),  # type: ignore[arg-type]
+                ),
                 eject_after_failures=self.get(
                     t, key, "eject_after_failures", self.int_range(1, 1000), d.eject_after_failures
                 ),
@@ -586,7 +588,7 @@ class _Validator:
                 vm_configuration=self.get(t, key, "vm_configuration", self.blob, b""),
                 failure_policy=self.get(
                     t, key, "failure_policy", self.choice("fail_closed", "fail_open"), d.failure_policy
-                ),  # type: ignore[arg-type]
+                ),
                 pool=self.filter_pool(f"{key}.pool", t.get("pool", {})),
                 memory_limit_bytes=self.get(
                     t, key, "memory_limit_bytes", self.int_range(65536, 4 * 1024**3), d.memory_limit_bytes
@@ -597,7 +599,7 @@ class _Validator:
                 fuel=self.get(t, key, "fuel", self.int_range(0), 0),
                 env=self.get(t, key, "env", self.string_map, {}),
                 allowed_dirs=tuple(
-                    self.base_dir / p for p in self.get(t, key, "allowed_dirs", self.string_list, ())
+                    self.base_dir / p for p in self.get(t, key, "allowed_dirs", self.string_list, _NO_STRINGS)
                 ),
                 log_level=self.get(
                     t,
@@ -734,17 +736,17 @@ class _Validator:
                 raise self.error(f"{key}.upstream", f'unknown upstream "{upstream}" (known: {known})')
         elif not is_app:
             raise self.error(key, 'missing target: upstream = "name" (from [upstreams]) or app = true')
-        hosts = self.get(t, key, "hosts", self.string_list, ())
+        hosts = self.get(t, key, "hosts", self.string_list, _NO_STRINGS)
         if "host" in t:
-            hosts = (*hosts, *self.get(t, key, "host", self.string_list, ()))
+            hosts = (*hosts, *self.get(t, key, "host", self.string_list, _NO_STRINGS))
         hosts = tuple(h.lower() for h in hosts)
-        methods = self.get(t, key, "methods", self.string_list, ())
+        methods = self.get(t, key, "methods", self.string_list, _NO_STRINGS)
         for j, m in enumerate(methods):
             if m.upper() not in HTTP_METHODS:
                 self.error(
                     f"{key}.methods[{j}]", f"{m!r} is not an HTTP method ({', '.join(sorted(HTTP_METHODS))})"
                 )
-        route_filters = self.get(t, key, "filters", self.string_list, ())
+        route_filters = self.get(t, key, "filters", self.string_list, _NO_STRINGS)
         for j, f in enumerate(route_filters):
             if f not in filters:
                 known = ", ".join(sorted(filters)) or "none defined"
@@ -759,7 +761,7 @@ class _Validator:
             methods=tuple(m.upper() for m in methods),
             filters=route_filters,
             require_headers=tuple(
-                h.lower() for h in self.get(t, key, "require_headers", self.string_list, ())
+                h.lower() for h in self.get(t, key, "require_headers", self.string_list, _NO_STRINGS)
             ),
             keep_encoded_slashes=self.get(t, key, "keep_encoded_slashes", self.boolean, False),
             strip_prefix=self.get(t, key, "strip_prefix", self.boolean, False),
@@ -778,7 +780,7 @@ class _Validator:
     def trusted_proxies(self, raw: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         out = []
         for i, s in enumerate(
-            self.get({"trusted_proxies": raw}, "", "trusted_proxies", self.string_list, ())
+            self.get({"trusted_proxies": raw}, "", "trusted_proxies", self.string_list, _NO_STRINGS)
         ):
             try:
                 out.append(ipaddress.ip_network(s, strict=False))
@@ -810,7 +812,7 @@ class _Validator:
             level=self.get(
                 t, "log", "level", self.choice("debug", "info", "warning", "error", "critical"), d.level
             ),
-            format=self.get(t, "log", "format", self.choice("json", "logfmt"), d.format),  # type: ignore[arg-type]
+            format=self.get(t, "log", "format", self.choice("json", "logfmt"), d.format),
             path=self.get(t, "log", "path", self.string, None),
             access_log=self.get(t, "log", "access_log", self.boolean, d.access_log),
         )

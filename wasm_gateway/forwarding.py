@@ -181,9 +181,14 @@ def response_headers(
     request_id: bytes | None = None,
     request_id_header: bytes = b"x-request-id",
 ) -> list[tuple[bytes, bytes]]:
-    """Upstream response headers for the client: hop-by-hop (incl. those named in Connection) removed."""
+    """Upstream response headers for the client: hop-by-hop (incl. those named in Connection) removed, and the
+    origin's ``Date`` dropped because the server adds the gateway's own (nginx's default too)."""
     named = connection_tokens(headers) if any(n == b"connection" for n, _ in headers) else frozenset()
-    out = [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in named]
+    out = [
+        (name, value)
+        for name, value in headers
+        if name not in HOP_BY_HOP and name not in named and name != b"date"
+    ]
     if request_id is not None and not any(n == request_id_header for n, _ in out):
         out.append((request_id_header, request_id))
     return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import time
 from typing import IO
@@ -61,11 +60,12 @@ def configure_logging(config: LogConfig) -> None:
     for handler in list(logger.handlers):
         if getattr(handler, "_wasm_gateway", False):
             logger.removeHandler(handler)
-    handler: logging.Handler
-    handler = logging.FileHandler(config.path) if config.path else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if config.format == "json" else _LogfmtFormatter())
-    handler._wasm_gateway = True  # type: ignore[attr-defined]
-    logger.addHandler(handler)
+    new: logging.Handler = (
+        logging.FileHandler(config.path) if config.path else logging.StreamHandler(sys.stderr)
+    )
+    new.setFormatter(_JsonFormatter() if config.format == "json" else _LogfmtFormatter())
+    new._wasm_gateway = True  # type: ignore[attr-defined]
+    logger.addHandler(new)
     logger.propagate = False
 
 
@@ -155,8 +155,3 @@ class AccessLog:
         self.flush()
         if self._owned:
             self._stream.close()
-
-
-def default_log_path_writable(path: str) -> bool:
-    directory = os.path.dirname(os.path.abspath(path))
-    return os.access(directory, os.W_OK)

@@ -17,7 +17,7 @@ from websockets.typing import Subprotocol
 
 from .forwarding import HOP_BY_HOP
 from .types import Headers, Receive, Scope, Send
-from .upstream import Target
+from .config import Target
 
 __all__ = ["proxy_websocket"]
 
