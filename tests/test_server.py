@@ -160,7 +160,10 @@ def trickle_until_answered(sock: socket.socket, piece: bytes, interval: float = 
         readable, _, _ = select.select([sock], [], [], interval)
         if readable:
             return
-        sock.sendall(piece)
+        try:
+            sock.sendall(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            return  # closed by the server: the caller checks how
     raise AssertionError("the server never answered the trickling client")
 
 
@@ -195,13 +198,6 @@ def test_requests_on_one_keep_alive_connection(server: RunningServer) -> None:
             assert "server" not in response.headers
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello")
         assert read_response(sock).body == b"hello"
-
-
-def test_idle_keep_alive_connection_is_closed(server: RunningServer) -> None:
-    with server.connect() as sock:
-        sock.sendall(get())
-        assert read_response(sock).status == 200
-        assert read_until_closed(sock) == b""
 
 
 def test_websocket_upgrade_outlives_the_idle_deadlines(server: RunningServer) -> None:
@@ -303,6 +299,19 @@ def test_header_count_at_the_limit_passes_and_one_more_gets_431(server: RunningS
             f"request has more than {MAX_HEADER_COUNT} header fields",
         )
         assert is_closed_by_peer(sock)
+
+
+def test_too_many_header_lines_get_431_before_the_headers_end(server: RunningServer) -> None:
+    with server.connect() as sock:
+        lines = "".join(f"X-H{i}: v\r\n" for i in range(MAX_HEADER_COUNT + 5))
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: test\r\n{lines}".encode())  # no blank line: unfinished
+        sock.settimeout(CLIENT_PATIENCE)
+        assert_error(
+            read_response(sock),
+            431,
+            "request_header_fields_too_large",
+            f"request has more than {MAX_HEADER_COUNT} header fields",
+        )
 
 
 # body deadline

@@ -2,8 +2,8 @@
 
 uvicorn's httptools protocol has no header-read deadline, no bound on header size or count, no body-read
 deadline, and never closes a freshly opened connection that stays silent. ``protocol_class(limits)`` builds a
-small subclass of ``HttpToolsProtocol`` that adds them by hooking the parser callbacks and ``data_received``
-and calling ``super()`` everywhere, so it follows uvicorn's own request handling:
+small subclass of ``HttpToolsProtocol`` that adds them around ``data_received`` and the message-begin and
+headers-complete parser callbacks, calling ``super()`` in each, so it follows uvicorn's own request handling:
 
 * header deadline: from the first byte of each request (first or keep-alive) to the end of its headers;
   trickled bytes do not extend it. Past it: ``408`` and the connection is closed.
@@ -35,7 +35,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar
 
 import orjson
 from starlette.types import ASGIApp
@@ -58,7 +58,7 @@ logger = logging.getLogger("wasm_gateway.server")
 
 PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-# " " between method and target, " HTTP/1.1\r\n" after it; the method itself is added once it is known.
+# " " between method and target, " HTTP/1.1\r\n" after it; the method is added where it is known.
 _REQUEST_LINE_OVERHEAD = 1 + len(b" HTTP/1.1\r\n")
 # ": " and "\r\n" around each header value.
 _HEADER_LINE_OVERHEAD = 4
@@ -87,18 +87,25 @@ class _HeaderLimitExceeded(Exception):
 
 
 class _LimitedHttpToolsProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` plus header/body deadlines and header bounds; ``limits`` is set per subclass."""
+    """``HttpToolsProtocol`` plus header/body deadlines and header bounds; ``limits`` is set per subclass.
+
+    Header bounds are checked where headers end and at the end of each chunk still inside a header section,
+    not per header: per-header hooks cost more than the rest of this class on every request. A chunk is at
+    most the transport's read size, so that is all one chunk can add before the check.
+    """
 
     limits: ClassVar[ServerLimits]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._max_header_bytes = self.limits.max_header_bytes
+        self._max_header_count = self.limits.max_header_count
         self._in_headers = False
-        self._began_in_chunk = False
-        self._header_started = 0.0
-        self._header_bytes = 0
-        self._raw_header_bytes = 0
-        self._header_count = 0
+        self._chunk_size = 0
+        # Raw bytes fed since the current request began, counting its first chunk whole: an upper bound of
+        # its header bytes. Minus that first chunk, while headers are unfinished: a lower bound.
+        self._header_upper_bound = 0
+        self._header_first_chunk = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
         self._rejected = False
@@ -128,23 +135,27 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
             return  # lingering after an error response: discard what the client still sends
         idle_timer = self.timeout_keep_alive_task
         idle_deadline = idle_timer.when() if idle_timer is not None else None
-        was_in_headers = self._in_headers
-        self._began_in_chunk = False
+        self._chunk_size = len(data)
+        if self._in_headers:
+            self._header_upper_bound += len(data)
 
         super().data_received(data)
 
         if self._rejected or self.transport.is_closing():
             return
         if self._in_headers:
-            if was_in_headers and not self._began_in_chunk:
-                # The whole chunk is header bytes httptools may be buffering inside one unfinished line.
-                self._raw_header_bytes += len(data)
-                if self._raw_header_bytes > self.limits.max_header_bytes:
-                    self._reject_headers_too_large()
-                    return
-            if self._header_timer is None:
-                deadline = self._header_started + self.limits.header_read_timeout
-                self._header_timer = self.loop.call_at(deadline, self._header_deadline_passed)
+            if len(self.headers) > self._max_header_count:
+                self._reject_too_many_headers()
+            elif (
+                self._header_upper_bound > self._max_header_bytes
+                and self._unfinished_header_bytes() > self._max_header_bytes
+            ):
+                self._reject_headers_too_large()
+            elif self._header_timer is None:
+                # The request began in this chunk; its deadline runs from now whatever arrives later.
+                self._header_timer = self.loop.call_later(
+                    self.limits.header_read_timeout, self._header_deadline_passed
+                )
             return
         cycle = self.cycle
         if cycle is None or cycle.response_complete:
@@ -167,39 +178,21 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = True
-        self._began_in_chunk = True
-        self._header_started = self.loop.time()
-        self._header_bytes = _REQUEST_LINE_OVERHEAD
-        self._raw_header_bytes = 0
-        self._header_count = 0
-
-    def on_url(self, url: bytes) -> None:
-        self._header_bytes += len(url)
-        if self._header_bytes > self.limits.max_header_bytes:
-            self._stop_parsing_headers_too_large()
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        self._header_bytes += len(name) + len(value) + _HEADER_LINE_OVERHEAD
-        if self._header_count > self.limits.max_header_count:
-            self._reject_request(
-                431,
-                "request_header_fields_too_large",
-                f"request has more than {self.limits.max_header_count} header fields",
-            )
-            raise _HeaderLimitExceeded
-        if self._header_bytes > self.limits.max_header_bytes:
-            self._stop_parsing_headers_too_large()
-        super().on_header(name, value)
+        self._header_upper_bound = self._header_first_chunk = self._chunk_size
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
-        if self._header_bytes + len(self.parser.get_method()) > self.limits.max_header_bytes:
-            self._stop_parsing_headers_too_large()
+        if len(self.headers) > self._max_header_count:
+            self._reject_too_many_headers()
+            raise _HeaderLimitExceeded
+        if self._header_upper_bound > self._max_header_bytes:
+            size = self._parsed_header_bytes() + len(self.parser.get_method())
+            if size > self._max_header_bytes:
+                self._reject_headers_too_large()
+                raise _HeaderLimitExceeded
         super().on_headers_complete()
 
     def send_400_response(self, msg: str) -> None:
@@ -209,15 +202,32 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     # limits
 
-    def _stop_parsing_headers_too_large(self) -> NoReturn:
-        self._reject_headers_too_large()
-        raise _HeaderLimitExceeded
+    def _parsed_header_bytes(self) -> int:
+        """Request line without the method, plus the header lines parsed so far (as ``name: value\\r\\n``)."""
+        headers = self.headers
+        return (
+            _REQUEST_LINE_OVERHEAD
+            + len(self.url)
+            + sum(len(name) + len(value) for name, value in headers)
+            + _HEADER_LINE_OVERHEAD * len(headers)
+        )
+
+    def _unfinished_header_bytes(self) -> int:
+        """At least this many header bytes, including an unfinished line httptools is still buffering."""
+        return max(self._parsed_header_bytes(), self._header_upper_bound - self._header_first_chunk)
 
     def _reject_headers_too_large(self) -> None:
         self._reject_request(
             431,
             "request_header_fields_too_large",
-            f"request headers exceed {self.limits.max_header_bytes} bytes",
+            f"request headers exceed {self._max_header_bytes} bytes",
+        )
+
+    def _reject_too_many_headers(self) -> None:
+        self._reject_request(
+            431,
+            "request_header_fields_too_large",
+            f"request has more than {self._max_header_count} header fields",
         )
 
     def _header_deadline_passed(self) -> None:
@@ -274,7 +284,9 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _send_error_and_close(self, status: int, error: str, detail: str) -> None:
         self._rejected = True
-        self._unset_keepalive_if_required()
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         body = orjson.dumps({"error": error, "status": status, "detail": detail})
         head = [b"HTTP/1.1 %d %s\r\n" % (status, http.HTTPStatus(status).phrase.encode("ascii"))]
         for name, value in self.server_state.default_headers:
