@@ -1,0 +1,305 @@
+"""The wasmtime Engine (one per settings variant per process), its epoch ticker, and compiled modules.
+
+Compiled modules are cached on disk. A cache entry is a header line followed by wasmtime's serialized
+artifact::
+
+    WGCWASM1 <module sha256> <engine key sha256> <payload sha256> <payload length>\\n<payload>
+
+The engine key covers the wasmtime version, the platform and every engine setting that changes generated
+code, so an entry written by another version or configuration is never deserialised. Any mismatch,
+truncation or deserialisation failure means "recompile and replace"; it is never fatal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import logging
+import os
+import platform
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import wasmtime
+
+from ..exceptions import FilterLoadError
+
+__all__ = [
+    "EPOCH_TICK_SECONDS",
+    "CachedModule",
+    "EngineSettings",
+    "LoadTimings",
+    "deadline_ticks",
+    "get_engine",
+    "load_module",
+    "precompile",
+    "shutdown_engines",
+]
+
+_log = logging.getLogger("wasm_gateway.runtime")
+
+EPOCH_TICK_SECONDS: Final = 0.005
+_MAGIC: Final = b"WGCWASM1"
+WASMTIME_VERSION: Final = importlib.metadata.version("wasmtime")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Engine options that change generated code (part of the cache key)."""
+
+    consume_fuel: bool = False
+    opt_level: str = "speed"
+    max_wasm_stack: int = 512 * 1024
+
+    def key(self) -> str:
+        text = (
+            f"wasmtime={WASMTIME_VERSION};machine={platform.machine()};system={platform.system()};"
+            f"epoch=1;fuel={int(self.consume_fuel)};opt={self.opt_level};stack={self.max_wasm_stack};"
+            "may_move=0"
+        )
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _EpochTicker:
+    """Advances an engine's epoch every EPOCH_TICK_SECONDS so a spinning guest hits its deadline."""
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self._engine = engine
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wasm-epoch-ticker", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(EPOCH_TICK_SECONDS):
+            self._engine.increment_epoch()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1.0)
+
+
+@dataclass
+class _EngineEntry:
+    engine: wasmtime.Engine
+    ticker: _EpochTicker
+
+
+_ENGINES: dict[EngineSettings, _EngineEntry] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def get_engine(settings: EngineSettings = EngineSettings()) -> wasmtime.Engine:
+    """The process-wide engine for ``settings``, created (with its epoch ticker) on first use."""
+    with _ENGINES_LOCK:
+        entry = _ENGINES.get(settings)
+        if entry is None:
+            cfg = wasmtime.Config()
+            cfg.epoch_interruption = True
+            cfg.consume_fuel = settings.consume_fuel
+            cfg.cranelift_opt_level = settings.opt_level
+            cfg.max_wasm_stack = settings.max_wasm_stack
+            # The host caches each instance's memory base address: memories must never move.
+            cfg.memory_may_move = False
+            engine = wasmtime.Engine(cfg)
+            entry = _EngineEntry(engine, _EpochTicker(engine))
+            _ENGINES[settings] = entry
+        return entry.engine
+
+
+def shutdown_engines() -> None:
+    """Stop the epoch tickers (engines stay usable for already-loaded modules, without time limits)."""
+    with _ENGINES_LOCK:
+        for entry in _ENGINES.values():
+            entry.ticker.stop()
+        _ENGINES.clear()
+
+
+def deadline_ticks(timeout_ms: float) -> int:
+    """Epoch ticks for a callback time limit (rounded up, plus one for the partial current tick)."""
+    return max(1, int(-(-timeout_ms // (EPOCH_TICK_SECONDS * 1000)))) + 1
+
+
+@dataclass
+class LoadTimings:
+    """Seconds spent per cold-start phase of loading a module."""
+
+    read: float = 0.0
+    compile: float = 0.0
+    deserialize: float = 0.0
+    cache_write: float = 0.0
+    source: str = "compile"  # 'compile', 'cache' or 'precompiled'
+
+
+@dataclass
+class CachedModule:
+    module: wasmtime.Module
+    sha256: str
+    path: Path
+    timings: LoadTimings = field(default_factory=LoadTimings)
+
+
+def _header(module_sha: str, engine_key: str, payload: bytes) -> bytes:
+    digest = hashlib.sha256(payload).hexdigest()
+    return b"%s %s %s %s %d\n" % (
+        _MAGIC,
+        module_sha.encode(),
+        engine_key.encode(),
+        digest.encode(),
+        len(payload),
+    )
+
+
+def _parse(blob: bytes) -> tuple[str, str, bytes] | None:
+    """(module sha, engine key, payload) of a well-formed, hash-verified entry, else None."""
+    nl = blob.find(b"\n", 0, 512)
+    if nl < 0:
+        return None
+    parts = blob[:nl].split(b" ")
+    if len(parts) != 5 or parts[0] != _MAGIC:
+        return None
+    payload = blob[nl + 1 :]
+    try:
+        length = int(parts[4])
+    except ValueError:
+        return None
+    if length != len(payload) or hashlib.sha256(payload).hexdigest().encode() != parts[3]:
+        return None
+    return parts[1].decode("ascii", "replace"), parts[2].decode("ascii", "replace"), payload
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _compile(engine: wasmtime.Engine, wasm: bytes, path: Path) -> wasmtime.Module:
+    if wasm[:4] != b"\0asm":
+        raise FilterLoadError(f"{path}: not a WebAssembly module (bad magic header)")
+    try:
+        return wasmtime.Module(engine, wasm)
+    except wasmtime.WasmtimeError as exc:
+        raise FilterLoadError(f"{path}: invalid WebAssembly module: {exc}") from None
+
+
+def precompile(
+    module_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    settings: EngineSettings = EngineSettings(),
+) -> Path:
+    """Compile ``module_path`` ahead of time into ``out_path`` (the `wasm-gateway compile` command).
+
+    The output can be given anywhere a module path is accepted; it only loads on the same wasmtime version,
+    platform and engine settings (otherwise loading fails with a message saying so).
+    """
+    src = Path(module_path)
+    try:
+        wasm = src.read_bytes()
+    except OSError as exc:
+        raise FilterLoadError(f"{src}: cannot read module: {exc.strerror}") from None
+    module = _compile(get_engine(settings), wasm, src)
+    payload = bytes(module.serialize())
+    out = Path(out_path)
+    try:
+        _atomic_write(out, _header(hashlib.sha256(wasm).hexdigest(), settings.key(), payload) + payload)
+    except OSError as exc:
+        raise FilterLoadError(f"{out}: cannot write precompiled module: {exc.strerror}") from None
+    return out
+
+
+def load_module(
+    path: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    settings: EngineSettings = EngineSettings(),
+) -> CachedModule:
+    """Load a `.wasm` (through the on-disk cache when ``cache_dir`` is given) or a precompiled file.
+
+    Raises FilterLoadError naming the file for anything that prevents loading.
+    """
+    p = Path(path)
+    engine = get_engine(settings)
+    engine_key = settings.key()
+    timings = LoadTimings()
+    t0 = time.perf_counter()
+    try:
+        blob = p.read_bytes()
+    except OSError as exc:
+        raise FilterLoadError(f"{p}: cannot read module: {exc.strerror}") from None
+    timings.read = time.perf_counter() - t0
+
+    if blob.startswith(_MAGIC):
+        parsed = _parse(blob)
+        if parsed is None:
+            raise FilterLoadError(f"{p}: corrupt precompiled module (header or checksum mismatch)")
+        module_sha, key, payload = parsed
+        if key != engine_key:
+            raise FilterLoadError(
+                f"{p}: precompiled for another wasmtime version or engine settings "
+                f"(this is wasmtime {WASMTIME_VERSION}); recompile it with `wasm-gateway compile`"
+            )
+        t0 = time.perf_counter()
+        try:
+            module = wasmtime.Module.deserialize(engine, payload)
+        except wasmtime.WasmtimeError as exc:
+            raise FilterLoadError(f"{p}: cannot load precompiled module: {exc}") from None
+        timings.deserialize = time.perf_counter() - t0
+        timings.source = "precompiled"
+        return CachedModule(module, module_sha, p, timings)
+
+    module_sha = hashlib.sha256(blob).hexdigest()
+    entry = Path(cache_dir) / f"{module_sha}-{engine_key[:16]}.cwasm" if cache_dir is not None else None
+    if entry is not None:
+        t0 = time.perf_counter()
+        from_cache = _try_cache(engine, entry, module_sha, engine_key)
+        if from_cache is not None:
+            timings.deserialize = time.perf_counter() - t0
+            timings.source = "cache"
+            return CachedModule(from_cache, module_sha, p, timings)
+
+    t0 = time.perf_counter()
+    module = _compile(engine, blob, p)
+    timings.compile = time.perf_counter() - t0
+    if entry is not None:
+        t0 = time.perf_counter()
+        try:
+            payload = bytes(module.serialize())
+            _atomic_write(entry, _header(module_sha, engine_key, payload) + payload)
+        except (OSError, wasmtime.WasmtimeError) as exc:
+            _log.warning("cannot write module cache entry %s: %s", entry, exc)
+        timings.cache_write = time.perf_counter() - t0
+    return CachedModule(module, module_sha, p, timings)
+
+
+def _try_cache(
+    engine: wasmtime.Engine, entry: Path, module_sha: str, engine_key: str
+) -> wasmtime.Module | None:
+    try:
+        blob = entry.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        _log.warning("cannot read module cache entry %s: %s", entry, exc)
+        return None
+    parsed = _parse(blob)
+    if parsed is None or parsed[0] != module_sha or parsed[1] != engine_key:
+        _log.warning("module cache entry %s is corrupt or foreign; recompiling", entry)
+        return None
+    try:
+        return wasmtime.Module.deserialize(engine, parsed[2])
+    except wasmtime.WasmtimeError as exc:
+        _log.warning("module cache entry %s failed to load (%s); recompiling", entry, exc)
+        return None
