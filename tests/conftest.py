@@ -85,6 +85,7 @@ def gateway_server(config_text: str, tmp_path: Path, app: Any = None, **server_k
     )
     server_kw.setdefault("http", protocol_class(limits))
     server_kw.setdefault("proxy_headers", False)  # the gateway decides client addresses itself
+    server_kw.setdefault("server_header", False)  # as serve() runs it
     server = ThreadServer(gateway, **server_kw)
     server.gateway = gateway  # type: ignore[attr-defined]
     return server

@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 
+slow_in_flight = 0  # requests currently sleeping in /slow (tests wait on it instead of on wall-clock time)
+
 
 async def echo_origin(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """``/echo`` describes the request; ``/slow?s=`` sleeps; ``/big?n=`` streams n bytes; ``/upload`` hashes the body."""
@@ -56,7 +58,12 @@ async def echo_origin(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if not message.get("more_body"):
             break
     if path.startswith("/slow"):
-        await asyncio.sleep(float(query.get("s", "1")))
+        global slow_in_flight
+        slow_in_flight += 1
+        try:
+            await asyncio.sleep(float(query.get("s", "1")))
+        finally:
+            slow_in_flight -= 1
     status = int(path.split("/")[2]) if path.startswith("/status/") else 200
     data = {
         "method": scope["method"],

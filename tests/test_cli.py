@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests import origins
 from tests.conftest import ROOT, Subprocess, ThreadServer, free_port
 from tests.origins import echo_origin
 
@@ -87,9 +88,12 @@ def test_graceful_shutdown_finishes_in_flight_requests(tmp_path: Path, origin: T
     with Subprocess("serve", "--config", str(config), port=port) as gw:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             futures = [
-                pool.submit(httpx.get, f"http://127.0.0.1:{port}/slow?s=1.5", timeout=20) for _ in range(8)
+                pool.submit(httpx.get, f"http://127.0.0.1:{port}/slow?s=2", timeout=20) for _ in range(8)
             ]
-            time.sleep(0.5)  # all eight are in flight at the origin
+            deadline = time.monotonic() + 15
+            while origins.slow_in_flight < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert origins.slow_in_flight == 8  # all eight are in flight at the origin
             assert gw.proc is not None
             gw.proc.terminate()
             statuses = [f.result().status_code for f in futures]
@@ -101,7 +105,6 @@ def test_metrics_add_up_across_two_workers(tmp_path: Path, origin: ThreadServer)
     port = free_port()
     config = write_config(tmp_path, origin.port, server=f"port = {port}")
     with Subprocess("serve", "--config", str(config), "--workers", "2", port=port):
-        pids = set()
         for i in range(40):
             # A fresh connection per request, so the kernel spreads them over both workers.
             with httpx.Client() as c:
@@ -110,10 +113,48 @@ def test_metrics_add_up_across_two_workers(tmp_path: Path, origin: ThreadServer)
         for _ in range(20):
             with httpx.Client() as c:
                 text = c.get(f"http://127.0.0.1:{port}/metrics").text
-                pids.update(re.findall(r'pid="(\d+)"', text))
         counts = re.findall(
             r'^wasm_gateway_request_duration_seconds_count\{method="GET",route="all",status_class="2xx"\} (\S+)$',
             text,
             re.M,
         )
         assert counts and float(counts[0]) == 40.0, text[:2000]
+
+
+def test_check_loads_filter_modules(tmp_path: Path) -> None:
+    import wasmtime
+
+    from tests.runtime.wat import filter_wat
+
+    good = tmp_path / "good.wasm"
+    good.write_bytes(wasmtime.wat2wasm(filter_wat("")))
+    refusing = tmp_path / "refuses.wasm"
+    refusing.write_bytes(
+        wasmtime.wat2wasm(
+            filter_wat('(func (export "proxy_on_configure") (param i32 i32) (result i32) i32.const 0)')
+        )
+    )
+    config = tmp_path / "g.toml"
+    base = '[upstreams.o]\ntargets = ["127.0.0.1:1"]\n[[routes]]\nupstream = "o"\nfilters = ["f"]\n'
+    config.write_text(f'[filters.f]\nmodule = "{good}"\n' + base)
+    assert run_cli("check", "--config", str(config)).returncode == 0
+    config.write_text(f'[filters.f]\nmodule = "{refusing}"\n' + base)
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 1
+    assert f"{config}: filters.f:" in result.stderr and "refuses.wasm" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_compile_precompiles_a_module(tmp_path: Path) -> None:
+    import wasmtime
+
+    from tests.runtime.wat import filter_wat
+
+    module = tmp_path / "f.wasm"
+    module.write_bytes(wasmtime.wat2wasm(filter_wat("")))
+    out = tmp_path / "f.cwasm"
+    result = run_cli("compile", str(module), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_size > 0
+    result = run_cli("compile", str(tmp_path / "missing.wasm"), "-o", str(out))
+    assert result.returncode == 1 and "missing.wasm" in result.stderr and "Traceback" not in result.stderr

@@ -13,18 +13,34 @@ The hot path is raw ASGI (no Starlette router): every layer costs measurable thr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 from urllib.parse import unquote
 
 import orjson
 
-from .config import GatewayConfig, UpstreamConfig, load_config
+from .config import GatewayConfig, RouteConfig, UpstreamConfig, load_config
 from .exceptions import ConfigError, GatewayError, UpstreamError, UpstreamTimeoutError
+from .filtering import (
+    FilterHeaders,
+    RuntimeMetrics,
+    filter_specs,
+    from_filter_request,
+    from_filter_response,
+    local_response_parts,
+    module_exports,
+    perform_http_call,
+    sync_runtime_metrics,
+    to_filter_request,
+    to_filter_response,
+    valid_target,
+)
 from .forwarding import (
     ForwardingPolicy,
     client_address,
@@ -35,8 +51,10 @@ from .forwarding import (
 from .logs import AccessLog, configure_logging
 from .metrics import CONTENT_TYPE_LATEST, exposition, gateway_metrics
 from .routing import PathRejected, RouteTable, canonicalize, normalize_host
+from .runtime.chain import ChainStream, Decision, DecisionKind, FilterChain, FilterRuntime
+from .runtime.context import HttpCallRequest, HttpCallResponse, LocalResponse, RequestInfo
 from .types import ASGIApp, Headers, Message, Receive, Scope, Send
-from .upstream import BodySource, RequestBodyError, Target, UpstreamPool, UpstreamSettings
+from .upstream import BodySource, RequestBodyError, Target, UpstreamPool, UpstreamResponse, UpstreamSettings
 
 __all__ = ["Gateway", "WasmGateway", "create_app"]
 
@@ -106,6 +124,9 @@ class Gateway:
         if config.metrics.enabled and config.metrics.port is None:
             self._reserved[config.metrics.path] = self._metrics_endpoint
         self._metrics_server: asyncio.AbstractServer | None = None
+        self.runtime: FilterRuntime | None = None
+        self._route_filters: dict[str, _RouteFilters] = {}
+        self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -117,16 +138,70 @@ class Gateway:
         t = self.config.server.timeouts
         for name, upstream in self.config.upstreams.items():
             self.pools[name] = UpstreamPool(_settings(upstream, t.upstream_connect, t.upstream_read))
+        if self.config.filters:
+            try:
+                self._load_filters()
+            except BaseException:
+                self.state = Lifecycle.NEW
+                for pool in self.pools.values():
+                    await pool.close()
+                self.pools.clear()
+                raise
         if self.config.metrics.enabled and self.config.metrics.port is not None:
             self._metrics_server = await _start_metrics_server(
                 self.config.server.host, self.config.metrics.port
             )
         self.state = Lifecycle.READY
 
+    def _load_filters(self) -> None:
+        """Compile (or deserialise), link, start and configure every filter; build each route's chain."""
+        config = self.config
+        observer = RuntimeMetrics() if config.metrics.enabled else None
+        runtime = FilterRuntime.load(
+            filter_specs(config),
+            cache_dir=config.cache_dir,
+            http_call=self._filter_http_call,
+            observer=observer,
+            max_buffer_bytes=max(f.max_body_bytes for f in config.filters.values()),
+        )
+        self.runtime = runtime
+        for route in config.routes:
+            if not route.filters:
+                continue
+            names = route.filters
+            response_body = module_exports(runtime, names, "proxy_on_response_body")
+            self._route_filters[route.name] = _RouteFilters(
+                chain=runtime.chain(names),
+                request_body=module_exports(runtime, names, "proxy_on_request_body"),
+                response_phase=response_body or module_exports(runtime, names, "proxy_on_response_headers"),
+                response_body=response_body,
+            )
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(runtime.run_background()))
+        if observer is not None:
+            self._tasks.append(loop.create_task(self._sync_metrics_forever(runtime)))
+
+    async def _filter_http_call(self, request: HttpCallRequest) -> HttpCallResponse:
+        return await perform_http_call(self.pools, request)
+
+    async def _sync_metrics_forever(self, runtime: FilterRuntime) -> None:
+        state: dict[object, int] = {}
+        while True:
+            sync_runtime_metrics(runtime, state)
+            await asyncio.sleep(1.0)
+
     async def shutdown(self) -> None:
         if self.state is Lifecycle.CLOSED:
             return
         self.state = Lifecycle.CLOSED
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self.runtime is not None:
+            self.runtime.close()
         for pool in self.pools.values():
             await pool.close()
         if self._metrics_server is not None:
@@ -255,12 +330,15 @@ class Gateway:
         if metrics is not None:
             metrics.in_flight.inc()
         try:
-            if route.upstream is None:
+            filters = self._route_filters.get(route.name) if self._route_filters else None
+            if route.upstream is None and filters is not None:
+                await self._to_app_filtered(
+                    exchange, route, filters, scope, receive, send, host, path, body_length, chunked
+                )
+            elif route.upstream is None:
                 await self._to_app(exchange, scope, receive, send, path)
             else:
-                await self._proxy(
-                    exchange, route.upstream, scope, receive, send, host, path, body_length, chunked
-                )
+                await self._proxy(exchange, route, scope, receive, send, host, path, body_length, chunked)
         finally:
             if metrics is not None:
                 metrics.in_flight.dec()
@@ -268,7 +346,7 @@ class Gateway:
     async def _proxy(
         self,
         exchange: _Exchange,
-        upstream_name: str,
+        route: RouteConfig,
         scope: Scope,
         receive: Receive,
         send: Send,
@@ -277,6 +355,8 @@ class Gateway:
         body_length: int | None,
         chunked: bool,
     ) -> None:
+        assert route.upstream is not None
+        upstream_name = route.upstream
         method = exchange.method
         headers: Headers = scope["headers"]
         policy = self._policies[upstream_name]
@@ -284,37 +364,104 @@ class Gateway:
         request_id = request_id_for(headers, peer, policy)
         exchange.request_id = request_id
         exchange.client = client_address(peer, _xff(headers, peer, policy), policy)
-        upgrade = False
+        scheme = scope.get("scheme", "http")
         out_headers = upstream_request_headers(
             headers,
             peer=peer,
             client=exchange.client,
-            scheme=scope.get("scheme", "http"),
+            scheme=scheme,
             host=host,
             policy=policy,
             request_id=request_id,
-            keep_upgrade=upgrade,
         )
         query: bytes = scope.get("query_string", b"")
         target = path + "?" + query.decode("latin-1") if query else path
-        body: BodySource
-        if body_length == 0 or (body_length is None and not chunked):
-            body = BodySource(None)
-        elif body_length is not None and body_length <= _SMALL_BODY:
+        filters = self._route_filters.get(route.name)
+        stream: ChainStream | None = None
+        try:
             try:
-                data = await _read_body(receive, body_length)
+                if filters is None:
+                    body = await self._request_body(receive, exchange, body_length, chunked)
+                else:
+                    stream = filters.chain.start(self._request_info(exchange, route, scope, upstream_name))
+                    request = await self._filter_request(
+                        stream,
+                        filters,
+                        exchange,
+                        receive,
+                        method,
+                        target,
+                        host,
+                        scheme,
+                        out_headers,
+                        body_length,
+                        chunked,
+                    )
+                    method, target, out_headers, body = request
             except _ClientGone:
-                exchange.status = 499
+                exchange.status = 499  # the client went away mid-upload (nginx's code for it)
                 exchange.log()
                 return
+            except _BodyTooLarge:
+                await exchange.error(
+                    send,
+                    413,
+                    "payload_too_large",
+                    f"request body exceeds {self._max_body} bytes",
+                    "body_too_large",
+                )
+                return
+            except _LocalAnswer as answer:
+                await exchange.local(send, answer.response)
+                return
+            response = await self._upstream(exchange, upstream_name, send, method, target, out_headers, body)
+            if response is None:
+                return
+            try:
+                if stream is None or filters is None or not filters.response_phase:
+                    await self._relay_response(exchange, upstream_name, response, send)
+                else:
+                    await self._relay_filtered_response(
+                        exchange, upstream_name, response, send, stream, filters
+                    )
+            except OSError:
+                exchange.aborted = True  # the client went away while we were sending
+            finally:
+                await response.aclose()
+            if not exchange.aborted:
+                exchange.log()
+        finally:
+            if stream is not None:
+                stream.finish()
+
+    async def _request_body(
+        self, receive: Receive, exchange: _Exchange, body_length: int | None, chunked: bool
+    ) -> BodySource:
+        if body_length == 0 or (body_length is None and not chunked):
+            return BodySource(None)
+        if body_length is not None and body_length <= _SMALL_BODY:
+            data = await _read_body(receive)
             exchange.request_bytes = len(data)
-            body = BodySource(data, len(data))
-        else:
-            body = BodySource(self._stream_body(receive, exchange), body_length)
-        pool = self.pools[upstream_name]
-        upstream_started = time.perf_counter()
+            return BodySource(data, len(data))
+        return BodySource(self._client_chunks(receive, exchange), body_length)
+
+    async def _upstream(
+        self,
+        exchange: _Exchange,
+        upstream_name: str,
+        send: Send,
+        method: str,
+        target: str,
+        headers: Headers,
+        body: BodySource,
+    ) -> UpstreamResponse | None:
+        """The upstream response, or None once the client has been answered (error, 413, local answer)."""
+        request_id = exchange.request_id or b"-"
+        started = time.perf_counter()
         try:
-            response = await pool.request(method, target, out_headers, body, idempotent=method in _IDEMPOTENT)
+            response = await self.pools[upstream_name].request(
+                method, target, headers, body, idempotent=method in _IDEMPOTENT
+            )
         except _BodyTooLarge:
             await exchange.error(
                 send,
@@ -323,11 +470,14 @@ class Gateway:
                 f"request body exceeds {self._max_body} bytes",
                 "body_too_large",
             )
-            return
+            return None
+        except _LocalAnswer as answer:
+            await exchange.local(send, answer.response)
+            return None
         except (_ClientGone, RequestBodyError):
-            exchange.status = 499  # the client went away mid-upload (nginx's code for it)
+            exchange.status = 499
             exchange.log()
-            return
+            return None
         except UpstreamError as exc:
             self._count_upstream_error(upstream_name, exc)
             status = 504 if isinstance(exc, UpstreamTimeoutError) else 502
@@ -339,41 +489,42 @@ class Gateway:
                 f"upstream {upstream_name!r} {'timed out' if status == 504 else 'failed'}",
                 None,
             )
-            return
-        exchange.upstream_duration = time.perf_counter() - upstream_started
+            return None
+        exchange.upstream_duration = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.upstream_duration.labels(upstream_name).observe(exchange.upstream_duration)
-        try:
-            status = response.status
-            out = response_headers(
-                response.headers, request_id=request_id, request_id_header=self._request_id_header
-            )
-            exchange.status = status
-            await send({"type": "http.response.start", "status": status, "headers": out})
-            sent = 0
-            if method != "HEAD":
-                try:
-                    async for chunk in response.body():
-                        sent += len(chunk)
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except UpstreamError as exc:
-                    # Never a silently truncated 200: leave the response incomplete so the server aborts it.
-                    self._count_upstream_error(upstream_name, exc)
-                    logger.warning("request %s: response aborted: %s", request_id.decode(), exc)
-                    exchange.bytes_sent = sent
-                    exchange.aborted = True
-                    exchange.log()
-                    return
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            exchange.bytes_sent = sent
-        except OSError:
-            exchange.aborted = True  # client went away while we were sending
-        finally:
-            await response.aclose()
-        if not exchange.aborted:
-            exchange.log()
+        return response
 
-    async def _stream_body(self, receive: Receive, exchange: _Exchange) -> AsyncIterator[bytes]:
+    async def _relay_response(
+        self, exchange: _Exchange, upstream_name: str, response: UpstreamResponse, send: Send
+    ) -> None:
+        status = response.status
+        out = response_headers(
+            response.headers, request_id=exchange.request_id, request_id_header=self._request_id_header
+        )
+        exchange.status = status
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        sent = 0
+        if exchange.method != "HEAD":
+            try:
+                async for chunk in response.body():
+                    sent += len(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except UpstreamError as exc:
+                self._abort(exchange, upstream_name, exc, sent)
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        exchange.bytes_sent = sent
+
+    def _abort(self, exchange: _Exchange, upstream_name: str, exc: UpstreamError, sent: int) -> None:
+        # Never a silently truncated 200: the response stays incomplete, so the server drops the connection.
+        self._count_upstream_error(upstream_name, exc)
+        logger.warning("request %s: response aborted: %s", (exchange.request_id or b"-").decode(), exc)
+        exchange.bytes_sent = sent
+        exchange.aborted = True
+        exchange.log()
+
+    async def _client_chunks(self, receive: Receive, exchange: _Exchange) -> AsyncIterator[bytes]:
         limit = self._max_body
         total = 0
         while True:
@@ -389,6 +540,109 @@ class Gateway:
                 yield chunk
             if not message.get("more_body", False):
                 return
+
+    # -- filters --------------------------------------------------------------------------------------------------
+
+    def _request_info(
+        self, exchange: _Exchange, route: RouteConfig, scope: Scope, upstream: str
+    ) -> RequestInfo:
+        server = scope.get("server") or ("", 0)
+        client = scope.get("client") or ("", 0)
+        return RequestInfo(
+            source_address=exchange.client,
+            source_port=client[1] if exchange.client == exchange.peer else 0,
+            destination_address=str(server[0] or ""),
+            destination_port=int(server[1] or 0),
+            request_id=(exchange.request_id or b"").decode("latin-1"),
+            protocol="HTTP/" + scope.get("http_version", "1.1"),
+            route_name=route.name,
+            upstream_address=upstream,
+        )
+
+    async def _filter_request(
+        self,
+        stream: ChainStream,
+        filters: _RouteFilters,
+        exchange: _Exchange,
+        receive: Receive,
+        method: str,
+        target: str,
+        host: bytes,
+        scheme: str,
+        headers: Headers,
+        body_length: int | None,
+        chunked: bool,
+    ) -> tuple[str, str, Headers, BodySource]:
+        """Run the request phase; the request to forward. Raises _LocalAnswer when a filter answers."""
+        has_body = chunked or bool(body_length)
+        small = body_length is not None and 0 < body_length <= _SMALL_BODY
+        d = await stream.on_request_headers(
+            to_filter_request(method, target, host, scheme, headers), not has_body
+        )
+        released = _check(d)
+        pre_body: list[bytes] = [d.body] if d.body else []
+        complete = not has_body
+        chunks: AsyncIterator[bytes] | None = None
+        if small:
+            data = await _read_body(receive)
+            exchange.request_bytes = len(data)
+            d = await stream.on_request_body(data, True)
+            released = _check(d) or released
+            if d.body:
+                pre_body.append(d.body)
+            complete = True
+        elif has_body:
+            chunks = self._client_chunks(receive, exchange)
+            if released is None:  # paused on headers: feed the body until they are released
+                async for chunk in _with_end(chunks):
+                    d = await stream.on_request_body(chunk[0], chunk[1])
+                    released = _check(d) or released
+                    if d.body:
+                        pre_body.append(d.body)
+                    if chunk[1]:
+                        complete = True
+                    if released is not None:
+                        break
+        if released is None:
+            raise _LocalAnswer(_filter_error_response("filter kept the request paused"))
+        method, target, _, out_headers = from_filter_request(released)
+        if not method or not valid_target(target):
+            raise _LocalAnswer(_filter_error_response("filter produced an invalid :method or :path"))
+        if complete:
+            data = b"".join(pre_body)
+            return method, target, out_headers, BodySource(data or None, len(data) if data else None)
+        assert chunks is not None
+        if not filters.request_body:
+            return method, target, out_headers, BodySource(_prepend(pre_body, chunks), body_length)
+        return method, target, out_headers, BodySource(_filtered_chunks(stream, pre_body, chunks), None)
+
+    async def _relay_filtered_response(
+        self,
+        exchange: _Exchange,
+        upstream_name: str,
+        response: UpstreamResponse,
+        send: Send,
+        stream: ChainStream,
+        filters: _RouteFilters,
+    ) -> None:
+        headers = response_headers(
+            response.headers, request_id=exchange.request_id, request_id_header=self._request_id_header
+        )
+        no_body = exchange.method == "HEAD" or response.status in (204, 304) or response.status < 200
+        relay = _ResponseRelay(exchange, send, stream, filters.response_body)
+        if not await relay.start(response.status, headers, no_body):
+            return
+        if no_body:
+            await relay.finish_empty()
+            return
+        try:
+            async for chunk in response.body():
+                if not await relay.body(chunk, False):
+                    return
+        except UpstreamError as exc:
+            self._abort(exchange, upstream_name, exc, relay.sent)
+            return
+        await relay.body(b"", True)
 
     async def _to_app(
         self, exchange: _Exchange, scope: Scope, receive: Receive, send: Send, path: str
@@ -449,6 +703,155 @@ class Gateway:
         exchange.request_bytes = received
         if not state["rejected"]:
             exchange.log()
+
+    async def _to_app_filtered(
+        self,
+        exchange: _Exchange,
+        route: RouteConfig,
+        filters: _RouteFilters,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        host: bytes,
+        path: str,
+        body_length: int | None,
+        chunked: bool,
+    ) -> None:
+        """An ``app = true`` route with filters: request phase, the wrapped app in-process, response phase."""
+        assert self.app is not None
+        headers: Headers = scope["headers"]
+        request_id = request_id_for(headers, exchange.peer, self._policy)
+        exchange.request_id = request_id
+        exchange.client = client_address(
+            exchange.peer, _xff(headers, exchange.peer, self._policy), self._policy
+        )
+        query: bytes = scope.get("query_string", b"")
+        target = path + "?" + query.decode("latin-1") if query else path
+        app_headers = [
+            *(h for h in headers if h[0] != self._request_id_header),
+            (self._request_id_header, request_id),
+        ]
+        stream = filters.chain.start(self._request_info(exchange, route, scope, "app"))
+        try:
+            try:
+                method, target, app_headers, body = await self._filter_request(
+                    stream,
+                    filters,
+                    exchange,
+                    receive,
+                    exchange.method,
+                    target,
+                    host,
+                    scope.get("scheme", "http"),
+                    app_headers,
+                    body_length,
+                    chunked,
+                )
+            except _ClientGone:
+                exchange.status = 499
+                exchange.log()
+                return
+            except _BodyTooLarge:
+                await exchange.error(
+                    send,
+                    413,
+                    "payload_too_large",
+                    f"request body exceeds {self._max_body} bytes",
+                    "body_too_large",
+                )
+                return
+            except _LocalAnswer as answer:
+                await exchange.local(send, answer.response)
+                return
+            new_path, _, new_query = target.partition("?")
+            app_scope = dict(scope)
+            app_scope.update(
+                method=method,
+                path=unquote(new_path),
+                raw_path=new_path.encode("ascii"),
+                query_string=new_query.encode("latin-1"),
+                headers=app_headers,
+            )
+            if exchange.client != exchange.peer and scope.get("client"):
+                app_scope["client"] = (exchange.client, scope["client"][1])
+            relay = (
+                _ResponseRelay(exchange, send, stream, filters.response_body)
+                if filters.response_phase
+                else None
+            )
+            state = _AppResponseState()
+            chunks = body.chunks
+
+            async def app_receive() -> Message:
+                nonlocal chunks
+                if state.stopped:
+                    return {"type": "http.disconnect"}
+                if chunks is None or isinstance(chunks, bytes):
+                    data, chunks = chunks or b"", None
+                    if state.body_sent:
+                        return await receive()  # only http.disconnect can come now
+                    state.body_sent = True
+                    return {"type": "http.request", "body": data, "more_body": False}
+                try:
+                    data = await anext(chunks)
+                    return {"type": "http.request", "body": data, "more_body": True}
+                except StopAsyncIteration:
+                    chunks = None
+                    state.body_sent = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+                except _LocalAnswer as answer:
+                    state.stopped = True
+                    await exchange.local(send, answer.response)
+                except _BodyTooLarge:
+                    state.stopped = True
+                    await exchange.error(
+                        send,
+                        413,
+                        "payload_too_large",
+                        f"request body exceeds {self._max_body} bytes",
+                        "body_too_large",
+                    )
+                except _ClientGone:
+                    state.stopped = True
+                return {"type": "http.disconnect"}
+
+            async def app_send(message: Message) -> None:
+                if state.stopped:
+                    return
+                kind = message["type"]
+                if kind == "http.response.start":
+                    state.status = message["status"]
+                    state.headers = [*message.get("headers", ()), (self._request_id_header, request_id)]
+                    if relay is None:
+                        exchange.status = state.status
+                        await send({**message, "headers": state.headers})
+                    return
+                if kind != "http.response.body":
+                    await send(message)
+                    return
+                chunk: bytes = message.get("body", b"")
+                eos = not message.get("more_body", False)
+                if relay is None:
+                    exchange.bytes_sent += len(chunk)
+                    await send(message)
+                    return
+                if not state.relay_started:
+                    state.relay_started = True
+                    no_body = exchange.method == "HEAD" or (eos and not chunk)
+                    if not await relay.start(state.status, state.headers, no_body, defer=True):
+                        state.stopped = True
+                        return
+                    if no_body:
+                        await relay.finish_empty()
+                        return
+                if not await relay.body(chunk, eos):
+                    state.stopped = True
+
+            await self.app(app_scope, app_receive, app_send)
+            if not exchange.aborted and exchange.status and not state.stopped:
+                exchange.log()
+        finally:
+            stream.finish()
 
     def _count_upstream_error(self, upstream: str, exc: UpstreamError) -> None:
         if self.metrics is not None:
@@ -536,6 +939,177 @@ class Gateway:
         await send({"type": "http.response.body", "body": data})
 
 
+class _LocalAnswer(Exception):
+    """A filter answered the request itself (or failed closed); raised out of body iterators too."""
+
+    def __init__(self, response: LocalResponse) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+@dataclass(frozen=True, slots=True)
+class _RouteFilters:
+    chain: FilterChain
+    request_body: bool
+    """Some filter exports ``proxy_on_request_body`` (else the body streams past the chain untouched)."""
+    response_phase: bool
+    response_body: bool
+
+
+def _check(d: Decision) -> FilterHeaders | None:
+    if d.kind is DecisionKind.RESPOND:
+        assert d.response is not None
+        raise _LocalAnswer(d.response)
+    return d.headers
+
+
+def _filter_error_response(detail: str) -> LocalResponse:
+    body = orjson.dumps({"error": "filter_failed", "status": 503, "detail": detail})
+    return LocalResponse(503, [("content-type", "application/json")], body, "filter_failed")
+
+
+async def _with_end(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, bool]]:
+    async for chunk in chunks:
+        yield chunk, False
+    yield b"", True
+
+
+async def _prepend(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in first:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
+
+
+async def _filtered_chunks(
+    stream: ChainStream, first: list[bytes], rest: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    for chunk in first:
+        yield chunk
+    async for chunk, eos in _with_end(rest):
+        d = await stream.on_request_body(chunk, eos)
+        _check(d)
+        if d.body:
+            yield d.body
+
+
+class _AppResponseState:
+    __slots__ = ("body_sent", "headers", "relay_started", "status", "stopped")
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.headers: Headers = []
+        self.relay_started = False
+        self.body_sent = False
+        self.stopped = False
+
+
+class _ResponseRelay:
+    """Feeds one response through the response phase of a route's filters and on to the client."""
+
+    __slots__ = (
+        "body_filters",
+        "exchange",
+        "pending",
+        "released",
+        "send",
+        "sent",
+        "started",
+        "status",
+        "stream",
+        "upstream_headers",
+    )
+
+    def __init__(self, exchange: _Exchange, send: Send, stream: ChainStream, body_filters: bool) -> None:
+        self.exchange = exchange
+        self.send = send
+        self.stream = stream
+        self.body_filters = body_filters
+        self.started = False
+        self.sent = 0
+        self.pending: list[bytes] = []
+        self.released: FilterHeaders | None = None
+        self.status = 0
+        self.upstream_headers: Headers = []
+
+    async def start(self, status: int, headers: Headers, no_body: bool, defer: bool = False) -> bool:
+        """False when the client has been answered otherwise (a local response). ``defer`` holds the response
+        head until the first body chunk (the caller already has it), so a complete body gets its exact length."""
+        self.status = status
+        self.upstream_headers = headers
+        d = await self.stream.on_response_headers(to_filter_response(status, headers), no_body)
+        if d.kind is DecisionKind.RESPOND:
+            assert d.response is not None
+            await self.exchange.local(self.send, d.response)
+            return False
+        if d.body:
+            self.pending.append(d.body)
+        if d.headers is not None:
+            self.released = d.headers
+            if no_body or not defer:
+                keep_length = no_body or not self.body_filters
+                await self._start(self._upstream_length() if keep_length else None)
+        return True
+
+    async def body(self, chunk: bytes, eos: bool) -> bool:
+        if self.body_filters or not self.started:
+            d = await self.stream.on_response_body(chunk, eos)
+            if d.kind is DecisionKind.RESPOND:
+                assert d.response is not None
+                if not self.started:
+                    await self.exchange.local(self.send, d.response)
+                else:
+                    logger.warning("filter answered after the response started; aborting the response")
+                    self.exchange.aborted = True
+                    self.exchange.bytes_sent = self.sent
+                    self.exchange.log()
+                return False
+            if d.headers is not None and self.released is None:
+                self.released = d.headers
+            chunk = d.body
+        if not self.started:
+            if chunk:
+                self.pending.append(chunk)
+            if self.released is None:
+                return True
+            length = (
+                sum(map(len, self.pending))
+                if eos
+                else (None if self.body_filters else self._upstream_length())
+            )
+            await self._start(length)
+        elif chunk:
+            self.sent += len(chunk)
+            await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if eos:
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+            self.exchange.bytes_sent = self.sent
+        return True
+
+    async def finish_empty(self) -> None:
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _upstream_length(self) -> int | None:
+        for name, value in self.upstream_headers:
+            if name == b"content-length" and value.isdigit():
+                return int(value)
+        return None
+
+    async def _start(self, length: int | None) -> None:
+        assert self.released is not None
+        status, headers = from_filter_response(self.released, self.status)
+        if length is not None and status not in (204, 304) and status >= 200:
+            headers.append((b"content-length", str(length).encode()))
+        self.started = True
+        self.exchange.status = status
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        for chunk in self.pending:
+            if chunk:
+                self.sent += len(chunk)
+                await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+        self.pending.clear()
+
+
 class _Exchange:
     """Per-request bookkeeping for the access log, metrics and error answers."""
 
@@ -599,6 +1173,21 @@ class _Exchange:
         self.bytes_sent = len(body)
         if reason is not None and gateway.metrics is not None:
             gateway.metrics.rejected.labels(reason).inc()
+        self.log()
+
+    async def local(self, send: Send, response: LocalResponse) -> None:
+        """Send a filter's local response (or its failure-policy 503)."""
+        status, headers, body = local_response_parts(response)
+        request_id = self.request_id or b"-"
+        headers.append((b"content-length", str(len(body)).encode()))
+        headers.append((self.gateway._request_id_header, request_id))
+        self.status = status
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body if self.method != "HEAD" else b""})
+        except OSError:
+            self.aborted = True
+        self.bytes_sent = len(body)
         self.log()
 
     def log(self) -> None:
@@ -717,7 +1306,7 @@ def _request_framing(headers: Headers) -> tuple[int | None, bool, str | None]:
     return length, chunked, None
 
 
-async def _read_body(receive: Receive, expected: int) -> bytes:
+async def _read_body(receive: Receive) -> bytes:
     parts: list[bytes] = []
     while True:
         message = await receive()

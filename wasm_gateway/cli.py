@@ -80,17 +80,15 @@ def _check_filters(config: GatewayConfig) -> list[str]:
     """Load every filter module once (compile, link, start, configure); return the error messages."""
     if not config.filters:
         return []
-    try:
-        from .runtime import check_filters
-    except ImportError:  # pragma: no cover - runtime not built yet
-        return []
+    from .filtering import check_filters
+
     return check_filters(config)
 
 
 def _compile(module: str, output: str) -> int:
     from .runtime.engine import precompile
 
-    precompile(Path(module), Path(output))
+    precompile(Path(module), Path(output))  # FilterLoadError (a GatewayError) names the file on failure
     print(f"{output}: precompiled {module}")
     return 0
 

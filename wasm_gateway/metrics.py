@@ -147,6 +147,88 @@ def _define(registry: CollectorRegistry) -> GatewayMetrics:
     )
 
 
+# Wasm callbacks are microseconds; cold starts are (sub)milliseconds.
+CALLBACK_BUCKETS = (0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1)
+COLD_START_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0)
+
+
+@dataclass(frozen=True)
+class RuntimeMetricSet:
+    cold_start: Histogram
+    callback: Histogram
+    faults: Counter
+    policy: Counter
+    pool_instances: Gauge
+    pool_waiting: Gauge
+    filter_counter: Counter
+    filter_gauge: Gauge
+    filter_histogram: Histogram
+
+
+_runtime: RuntimeMetricSet | None = None
+
+
+def runtime_metrics() -> RuntimeMetricSet:
+    """The Wasm runtime's metrics (created on first use)."""
+    global _runtime
+    if _runtime is None:
+        _runtime = RuntimeMetricSet(
+            cold_start=Histogram(
+                "wasm_gateway_filter_cold_start_seconds",
+                "Filter cold start by phase: compile or deserialize (per module), instantiate, start_configure "
+                "(per instance).",
+                ["filter", "phase"],
+                buckets=COLD_START_BUCKETS,
+            ),
+            callback=Histogram(
+                "wasm_gateway_filter_callback_seconds",
+                "Time spent in one filter callback, by filter and phase (request_headers, response_body, ...).",
+                ["filter", "phase"],
+                buckets=CALLBACK_BUCKETS,
+            ),
+            faults=Counter(
+                "wasm_gateway_filter_faults_total",
+                "Filter failures by filter and kind (trap, timeout, pooltimeout, protocol, load, tick).",
+                ["filter", "kind"],
+            ),
+            policy=Counter(
+                "wasm_gateway_filter_policy_decisions_total",
+                "Failure-policy decisions applied after a filter failure (fail_closed, fail_open).",
+                ["filter", "decision"],
+            ),
+            pool_instances=Gauge(
+                "wasm_gateway_filter_pool_instances",
+                "Pooled filter instances by state (busy, idle).",
+                ["filter", "state"],
+                multiprocess_mode="livesum",
+            ),
+            pool_waiting=Gauge(
+                "wasm_gateway_filter_pool_waiting",
+                "Requests waiting for a free filter instance.",
+                ["filter"],
+                multiprocess_mode="livesum",
+            ),
+            filter_counter=Counter(
+                "wasm_gateway_filter_counter_total",
+                "Counters defined by filters (proxy_define_metric), by filter and metric name.",
+                ["filter", "name"],
+            ),
+            filter_gauge=Gauge(
+                "wasm_gateway_filter_gauge",
+                "Gauges defined by filters (proxy_define_metric), by filter and metric name.",
+                ["filter", "name"],
+                multiprocess_mode="livesum",
+            ),
+            filter_histogram=Histogram(
+                "wasm_gateway_filter_histogram",
+                "Histograms defined by filters (proxy_define_metric), by filter and metric name (raw units).",
+                ["filter", "name"],
+                buckets=(1, 5, 10, 50, 100, 500, 1000, 5000, 10000, 50000, 100000, 1000000),
+            ),
+        )
+    return _runtime
+
+
 def exposition() -> bytes:
     """The Prometheus text exposition for this process, or for every worker in multiprocess mode."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
