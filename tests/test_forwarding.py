@@ -142,3 +142,21 @@ def test_response_hop_by_hop_stripped() -> None:
         request_id=b"r",
     )
     assert out == [(b"content-type", b"text/plain"), (b"x-request-id", b"r")]
+
+
+def test_request_ids_unique_and_reseeded_after_fork() -> None:
+    import multiprocessing
+    import os
+
+    from wasm_gateway.forwarding import new_request_id
+
+    ids = {new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000 and all(len(i) == 32 for i in ids)
+    read, write = multiprocessing.Pipe(duplex=False)
+    pid = os.fork()
+    if pid == 0:  # child: its first id must not collide with the parent's next one
+        write.send(new_request_id())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child_id = read.recv()
+    assert child_id[:16] != new_request_id()[:16]

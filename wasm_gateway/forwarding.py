@@ -12,8 +12,9 @@ peer they are kept and the peer is appended to ``X-Forwarded-For``.
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ __all__ = [
     "ForwardingPolicy",
     "client_address",
     "connection_tokens",
+    "new_request_id",
     "request_id_for",
     "response_headers",
     "upstream_request_headers",
@@ -164,6 +166,24 @@ def upstream_request_headers(
     return out
 
 
+_id_prefix = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
+def _reseed_ids() -> None:
+    global _id_prefix, _id_counter
+    _id_prefix = os.urandom(8).hex()
+    _id_counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_reseed_ids)  # forked workers (gunicorn --preload) must not share ids
+
+
+def new_request_id() -> bytes:
+    """32 hex characters, unique per process (random prefix) and per request (counter): a uuid4 costs 4x more."""
+    return f"{_id_prefix}{next(_id_counter):016x}".encode()
+
+
 def request_id_for(
     headers: Sequence[tuple[bytes, bytes]], peer: str | None, policy: ForwardingPolicy
 ) -> bytes:
@@ -172,7 +192,7 @@ def request_id_for(
         for name, value in headers:
             if name == policy.request_id_header and _REQUEST_ID_RE.match(value):
                 return value
-    return uuid.uuid4().hex.encode()
+    return new_request_id()
 
 
 def response_headers(
