@@ -11,6 +11,7 @@ are translated into these at the boundary where they happen, so callers catch on
     │   ├── FilterTimeoutError      a callback ran past its time (epoch) or fuel budget
     │   ├── FilterPoolTimeout       no instance became free within the borrow timeout
     │   └── FilterProtocolError     a host-call pattern the ABI forbids (e.g. invalid header set)
+    ├── RequestBodyError            the client's request body did not match its declared length
     └── UpstreamError               talking to an origin failed
         ├── UpstreamConnectError    refused / unreachable / every target ejected  -> 502
         ├── UpstreamTimeoutError    connect or read timed out                     -> 504
@@ -32,6 +33,7 @@ __all__ = [
     "FilterTimeoutError",
     "FilterTrapError",
     "GatewayError",
+    "RequestBodyError",
     "UpstreamBodyError",
     "UpstreamConnectError",
     "UpstreamError",
@@ -78,6 +80,11 @@ class FilterPoolTimeout(FilterError):
 
 class FilterProtocolError(FilterError):
     """The guest used the ABI in a way the host refuses (e.g. set an invalid header)."""
+
+
+class RequestBodyError(GatewayError):
+    """The caller's request body did not match its declared length (usually: the client went away mid-upload).
+    The upstream connection is closed; nothing was answered."""
 
 
 class UpstreamError(GatewayError):

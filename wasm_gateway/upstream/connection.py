@@ -34,7 +34,7 @@ from typing import Protocol, cast
 import httptools
 
 from wasm_gateway.exceptions import (
-    GatewayError,
+    RequestBodyError,
     UpstreamBodyError,
     UpstreamConnectError,
     UpstreamError,
@@ -96,11 +96,6 @@ class BodySource:
 
     chunks: AsyncIterator[bytes] | bytes | None
     length: int | None = None
-
-
-class RequestBodyError(GatewayError):
-    """The caller's request body did not match its declared length (a short body usually means the client
-    went away mid-upload). The upstream connection is closed; nothing was answered."""
 
 
 class ConnectionOwner(Protocol):
@@ -339,7 +334,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_done = True
         if not parser.should_keep_alive():
             self._keep_alive = False
-        elif not self._request_sent or self._write_paused or self._unsent_bytes():
+        elif not self._request_sent or self._unsent_bytes():
             # Answered before taking the whole request: what it has not read yet would be parsed as the
             # next request. Never reuse.
             self._keep_alive = False
@@ -401,18 +396,19 @@ class UpstreamConnection(asyncio.Protocol):
     async def send_body(self, stream: AsyncIterator[bytes], length: int | None) -> bool:
         """Stream a request body (content-length when ``length`` is known, else chunked).
 
-        Returns False when sending stopped because the origin answered or the connection failed first.
-        Exceptions from ``stream`` propagate; the caller closes the connection.
+        Returns whether the whole request was handed to the transport: False when sending stopped because
+        the origin answered or the connection failed first. Exceptions from ``stream`` propagate; the caller
+        closes the connection.
         """
         transport = self.transport
         assert transport is not None
         write = self.write
         sent = 0
         async for chunk in stream:
-            if self._head_done or self.closed:
-                return False
             if not chunk:
                 continue  # an empty chunk would end a chunked body early
+            if self._head_done or self.closed:
+                return self._request_sent
             size = len(chunk)
             if length is None:
                 transport.writelines((b"%x\r\n" % size, chunk, b"\r\n"))
@@ -421,13 +417,13 @@ class UpstreamConnection(asyncio.Protocol):
                 if sent > length:
                     raise RequestBodyError(f"{self.label}: request body is longer than its length {length}")
                 write(chunk)
-            if self._write_paused:
+                if sent == length:
+                    self._request_sent = True  # all handed over; an answer from now on is not early
+            if self._write_paused and not self._request_sent:
                 await self._drain()
-                if self._head_done or self.closed:
-                    return False
-        if self._head_done or self.closed:
-            return False
         if length is None:
+            if self._head_done or self.closed:
+                return False
             write(_CHUNKED_END)
         elif sent != length:
             raise RequestBodyError(f"{self.label}: request body ended after {sent} of {length} bytes")

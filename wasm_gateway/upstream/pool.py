@@ -139,7 +139,7 @@ class _TargetPool:
             if self.closed:
                 raise _NotRetryable(f"{self.label}: pool is closed", self.authority)
             if not fresh and self.idle:
-                conn = self._take_idle()
+                conn = self.take_idle()
                 if conn is not None:
                     return conn
             if len(self.connections) + self.reserved < self._max_open:
@@ -152,7 +152,7 @@ class _TargetPool:
                 return got
             # It died between hand-over and now: try again.
 
-    def _take_idle(self) -> UpstreamConnection | None:
+    def take_idle(self) -> UpstreamConnection | None:
         idle = self.idle
         now = self._loop.time()
         while idle:
@@ -389,7 +389,9 @@ class UpstreamPool:
                 index = balancer.pick(tried)
             tpool = pools[index]
             try:
-                conn = await tpool.acquire(fresh)
+                # Fast path without a coroutine: a live idle connection.
+                conn_or_none = tpool.take_idle() if tpool.idle and not fresh else None
+                conn = conn_or_none if conn_or_none is not None else await tpool.acquire(fresh)
             except _NotRetryable:
                 raise
             except UpstreamError:
