@@ -71,19 +71,13 @@ def gateway_server(config_text: str, tmp_path: Path, app: Any = None, **server_k
     """The gateway from TOML text, served by uvicorn with the gateway's own protocol class (limits on)."""
     from wasm_gateway.app import Gateway
     from wasm_gateway.config import load_config
-    from wasm_gateway.server import ServerLimits, protocol_class
+    from wasm_gateway.server import limits_for, protocol_class
 
     path = tmp_path / "gateway.toml"
     path.write_text(config_text)
     config = load_config(path)
     gateway = Gateway(config, app)
-    limits = ServerLimits(
-        max_header_bytes=config.server.max_header_bytes,
-        max_header_count=config.server.max_header_count,
-        header_read_timeout=config.server.timeouts.header_read,
-        body_read_timeout=config.server.timeouts.body_read,
-    )
-    server_kw.setdefault("http", protocol_class(limits))
+    server_kw.setdefault("http", protocol_class(limits_for(config.server)))
     server_kw.setdefault("proxy_headers", False)  # the gateway decides client addresses itself
     server_kw.setdefault("server_header", False)  # as serve() runs it
     server = ThreadServer(gateway, **server_kw)

@@ -95,7 +95,7 @@ def _compile(module: str, output: str) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from .examples import DEMO_ORIGIN_ENV, default_config_path
-    from .server import ServeOptions, ServerLimits, serve
+    from .server import ServeOptions, limits_for, serve
 
     env: dict[str, str] = {}
     demo = args.config is None
@@ -138,12 +138,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=host,
         port=port,
         workers=workers,
-        limits=ServerLimits(
-            max_header_bytes=server.max_header_bytes,
-            max_header_count=server.max_header_count,
-            header_read_timeout=server.timeouts.header_read,
-            body_read_timeout=server.timeouts.body_read,
-        ),
+        limits=limits_for(server),
         max_concurrent_requests=server.max_concurrent_requests,
         keepalive_timeout=server.timeouts.idle,
         graceful_shutdown_timeout=server.timeouts.graceful_shutdown,

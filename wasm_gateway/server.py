@@ -44,12 +44,14 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.server import Server
 from uvicorn.supervisors.multiprocess import Multiprocess
 
+from wasm_gateway.config import ServerConfig, load_config
 from wasm_gateway.exceptions import ConfigError
 
 __all__ = [
     "GatewayHttpProtocol",
     "ServeOptions",
     "ServerLimits",
+    "limits_for",
     "protocol_class",
     "serve",
 ]
@@ -315,8 +317,24 @@ def protocol_class(limits: ServerLimits) -> type[HttpToolsProtocol]:
     return type("LimitedHttpToolsProtocol", (_LimitedHttpToolsProtocol,), {"limits": limits})
 
 
-# For `uvicorn --http wasm_gateway.server:GatewayHttpProtocol` outside the CLI: the default limits.
-GatewayHttpProtocol = protocol_class(ServerLimits())
+def limits_for(server: ServerConfig) -> ServerLimits:
+    """The protocol limits a ``[server]`` config section asks for."""
+    return ServerLimits(
+        max_header_bytes=server.max_header_bytes,
+        max_header_count=server.max_header_count,
+        header_read_timeout=server.timeouts.header_read,
+        body_read_timeout=server.timeouts.body_read,
+    )
+
+
+def _limits_from_environment() -> ServerLimits:
+    path = os.environ.get("WASM_GATEWAY_CONFIG")
+    return limits_for(load_config(path).server) if path else ServerLimits()
+
+
+# For `uvicorn --http wasm_gateway.server:GatewayHttpProtocol` (and the gunicorn worker) outside the CLI: the
+# limits of the config named by WASM_GATEWAY_CONFIG, else the defaults.
+GatewayHttpProtocol = protocol_class(_limits_from_environment())
 
 
 @dataclass(frozen=True)
