@@ -444,3 +444,25 @@ def test_one_date_header_and_request_id_on_proxied_response(gateway: ThreadServe
     head = answer.split(b"\r\n\r\n", 1)[0].lower()
     assert head.count(b"\r\ndate: ") == 1
     assert head.count(b"\r\nx-request-id: ") == 1
+
+
+def test_response_head_is_not_held_back_when_the_body_waits(tmp_path: Path) -> None:
+    """SSE-style: the origin sends its head, then waits for the client to have seen it before any body."""
+    client_saw_head = threading.Event()
+
+    def handler(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        if client_saw_head.wait(10):
+            conn.sendall(b"7\r\ndata: 1\r\n0\r\n\r\n")
+
+    with (
+        RawOrigin(handler) as origin,
+        gateway_server(config(origin.port), tmp_path) as server,
+        httpx.Client(timeout=5) as c,
+        c.stream("GET", server.url + "/events") as response,
+    ):
+        assert response.status_code == 200
+        client_saw_head.set()
+        assert response.read() == b"data: 1"

@@ -196,6 +196,9 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._reject_headers_too_large()
                 raise _HeaderLimitExceeded
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.transport is self.transport:
+            cycle.transport = _HeadCoalescingTransport(cycle, self.transport, self.loop)  # type: ignore[assignment]
 
     def send_400_response(self, msg: str) -> None:
         if self._rejected:
@@ -309,6 +312,45 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _client_label(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "client"
+
+
+class _HeadCoalescingTransport:
+    """Holds a response head until the first body write, so a small response leaves in one ``write`` (one
+    syscall, one TCP segment) instead of two. A head with no body write in the same loop iteration is flushed on
+    its own (``call_soon``), so streamed responses (SSE) are not delayed. After the first flush the cycle talks to
+    the real transport again."""
+
+    __slots__ = ("_cycle", "_head", "_loop", "_transport")
+
+    def __init__(
+        self, cycle: RequestResponseCycle, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop
+    ):
+        self._cycle = cycle
+        self._transport = transport
+        self._loop = loop
+        self._head: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._head is None:
+            self._head = data
+            self._loop.call_soon(self._flush)
+            return
+        head, self._head = self._head, b""
+        self._cycle.transport = self._transport
+        self._transport.write(head + data if data else head)
+
+    def _flush(self) -> None:
+        if self._head:
+            head, self._head = self._head, b""
+            self._cycle.transport = self._transport
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 @functools.cache
