@@ -125,3 +125,18 @@ def test_config_path_accepted(tmp_path: Path) -> None:
     (tmp_path / "g.toml").write_text('[[routes]]\npath_prefix = "/x"\napp = true\n')
     gateway = WasmGateway(make_app(), config=tmp_path / "g.toml")
     assert gateway.config.routes[0].target_is_app
+
+
+def test_shipped_middleware_example_runs() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "middleware_app", Path(__file__).parent.parent / "examples" / "middleware_app.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with ThreadServer(module.app) as server:
+        assert httpx.get(server.url + "/").json() == {"hello": "world"}
+        assert httpx.get(server.url + "/hello/ada").status_code == 401
+        assert httpx.get(server.url + "/hello/ada", headers={"authorization": "x"}).json() == {"hello": "ada"}
