@@ -156,3 +156,10 @@ def test_examples_load() -> None:
     assert paths
     for path in paths:
         load_config(path, env={})
+
+
+def test_builtin_filter_modules() -> None:
+    config = parse_config('[filters.t]\nmodule = "builtin:transform"\n', env={}, source="g.toml")
+    assert config.filters["t"].module.name == "transform.wasm" and config.filters["t"].module.is_file()
+    errors = errors_of('[filters.t]\nmodule = "builtin:nope"\n')
+    assert errors[0].startswith('gateway.toml: filters.t.module: "builtin:nope": no bundled filter \'nope\'')

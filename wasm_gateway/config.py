@@ -614,6 +614,13 @@ class _Validator:
 
     def module_path(self, key: str, value: object) -> Path:
         s = self.string(key, value)
+        if s.startswith("builtin:"):
+            from .filters import filter_path
+
+            try:
+                return filter_path(s.removeprefix("builtin:"))
+            except KeyError as exc:
+                raise self.error(key, f"{_show(s)}: {exc.args[0]}") from None
         p = Path(s)
         if not p.is_absolute():
             p = self.base_dir / p

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.filters.conftest import LoadFilter
+from wasm_gateway.config import parse_config
 from wasm_gateway.filters import FILTERS_DIR
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "filters"
@@ -35,8 +36,11 @@ def test_toml_example_is_accepted(name: str, load: LoadFilter) -> None:
     (example,) = blocks(PAGES[name], "toml")
     config: dict[str, Any] = tomllib.loads(example)
     (filter_config,) = config["filters"].values()
-    module = filter_config["module"]
-    assert module == f"${{WASM_GATEWAY_FILTERS}}/{name}.wasm"
+    assert (
+        filter_config["module"] == f"builtin:{name.replace('_', '-')}"
+        or filter_config["module"] == f"builtin:{name}"
+    )
     assert (FILTERS_DIR / f"{name}.wasm").is_file()
+    parse_config(example, env={})  # the whole example is a valid gateway config
     h = load(name, json.dumps(filter_config["configuration"]))
     assert h.request(path="/").upstream_called
