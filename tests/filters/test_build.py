@@ -70,6 +70,7 @@ EXPORTS = {
         "proxy_on_response_body",
     },
     "rate_limit": {"proxy_on_request_headers", "proxy_on_response_headers"},
+    "auth": {"proxy_on_request_headers", "proxy_on_http_call_response", "proxy_on_tick"},
 }
 COMMON_EXPORTS = {
     "memory",
