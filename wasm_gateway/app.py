@@ -49,10 +49,12 @@ from .forwarding import (
     upstream_request_headers,
 )
 from .logs import AccessLog, configure_logging
-from .metrics import CONTENT_TYPE_LATEST, exposition, gateway_metrics
+from .metrics import CONTENT_TYPE_LATEST, exposition, gateway_metrics, state_error_counter
 from .routing import PathRejected, RouteTable, canonicalize, normalize_host
 from .runtime.chain import ChainStream, Decision, DecisionKind, FilterChain, FilterRuntime
 from .runtime.context import HttpCallRequest, HttpCallResponse, LocalResponse, RequestInfo
+from .runtime.services import SharedServices
+from .state import SharedState, open_state
 from .types import ASGIApp, Headers, Message, Receive, Scope, Send
 from .upstream import BodySource, RequestBodyError, Target, UpstreamPool, UpstreamResponse, UpstreamSettings
 
@@ -125,6 +127,7 @@ class Gateway:
             self._reserved[config.metrics.path] = self._metrics_endpoint
         self._metrics_server: asyncio.AbstractServer | None = None
         self.runtime: FilterRuntime | None = None
+        self.state_store: SharedState | None = None
         self._route_filters: dict[str, _RouteFilters] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -157,13 +160,22 @@ class Gateway:
         """Compile (or deserialise), link, start and configure every filter; build each route's chain."""
         config = self.config
         observer = RuntimeMetrics() if config.metrics.enabled else None
-        runtime = FilterRuntime.load(
-            filter_specs(config),
-            cache_dir=config.cache_dir,
-            http_call=self._filter_http_call,
-            observer=observer,
-            max_buffer_bytes=max(f.max_body_bytes for f in config.filters.values()),
+        self.state_store = state = open_state(
+            config.state, on_error=state_error_counter() if observer else None
         )
+        try:
+            runtime = FilterRuntime.load(
+                filter_specs(config),
+                cache_dir=config.cache_dir,
+                http_call=self._filter_http_call,
+                observer=observer,
+                shared=SharedServices(shared_data=state.shared_data, queues=state.queues),
+                max_buffer_bytes=max(f.max_body_bytes for f in config.filters.values()),
+            )
+        except BaseException:
+            state.close()
+            self.state_store = None
+            raise
         self.runtime = runtime
         for route in config.routes:
             if not route.filters:
@@ -202,6 +214,8 @@ class Gateway:
         self._tasks.clear()
         if self.runtime is not None:
             self.runtime.close()
+        if self.state_store is not None:
+            await self.state_store.aclose()
         for pool in self.pools.values():
             await pool.close()
         if self._metrics_server is not None:

@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar
 import orjson
 
 from .exceptions import ConfigError
+from .state.config import StateConfig
 
 __all__ = [
     "FilterConfig",
@@ -174,6 +175,8 @@ class GatewayConfig:
     """Where the config came from (file path), for messages."""
     cache_dir: Path | None = None
     """Directory for precompiled Wasm modules (None: a per-user cache directory)."""
+    state: StateConfig = field(default_factory=StateConfig)
+    """Where filters' shared data and queues live (embedded LMDB by default; Redis across nodes)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -356,7 +359,17 @@ class _Validator:
         self.unknown_keys(
             "",
             raw,
-            {"server", "upstreams", "filters", "routes", "trusted_proxies", "metrics", "log", "cache_dir"},
+            {
+                "server",
+                "upstreams",
+                "filters",
+                "routes",
+                "trusted_proxies",
+                "metrics",
+                "log",
+                "cache_dir",
+                "state",
+            },
         )
         server = self.server(raw.get("server", {}))
         upstreams = self.upstreams(raw.get("upstreams", {}))
@@ -366,6 +379,7 @@ class _Validator:
         metrics = self.metrics(raw.get("metrics", {}))
         log = self.log(raw.get("log", {}))
         cache_dir = self.get(raw, "", "cache_dir", lambda k, v: self.base_dir / self.string(k, v), None)
+        state = self.state(raw.get("state", {}))
         reserved = {server.health_path, server.ready_path}
         if metrics.enabled and metrics.port is None:
             reserved.add(metrics.path)
@@ -381,6 +395,7 @@ class _Validator:
             log=log,
             source=self.source,
             cache_dir=cache_dir,
+            state=state,
         )
 
     def server(self, raw: object) -> ServerConfig:
@@ -794,6 +809,21 @@ class _Validator:
             except ValueError:
                 self.error(f"trusted_proxies[{i}]", f'{s!r} is not an IP address or CIDR (e.g. "10.0.0.0/8")')
         return tuple(out)
+
+    def state(self, raw: object) -> StateConfig:
+        try:
+            t = self.table("state", raw)
+        except _Invalid:
+            return StateConfig()
+        t = {k: self.interpolate_tree(f"state.{k}", v) for k, v in t.items()}
+        if isinstance(t.get("path"), str):
+            t["path"] = str(self.base_dir / t["path"])
+        try:
+            return StateConfig.from_mapping(t, where="state")
+        except ConfigError as exc:
+            for error in exc.errors:
+                self.errors.append(f"{self.source}: {error}")
+            return StateConfig()
 
     def metrics(self, raw: object) -> MetricsConfig:
         try:

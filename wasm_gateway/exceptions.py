@@ -11,7 +11,10 @@ are translated into these at the boundary where they happen, so callers catch on
     │   ├── FilterTimeoutError      a callback ran past its time (epoch) or fuel budget
     │   ├── FilterPoolTimeout       no instance became free within the borrow timeout
     │   └── FilterProtocolError     a host-call pattern the ABI forbids (e.g. invalid header set)
+    ├── GeoDatabaseError            a geo database cannot be opened or read: file and what is wrong
     ├── RequestBodyError            the client's request body did not match its declared length
+    ├── StateError                  a shared-state backend (local database, Redis) failed
+    │   └── StateUnavailableError   the backend is down or too slow (Redis: connect/read timeout, refused)
     └── UpstreamError               talking to an origin failed
         ├── UpstreamConnectError    refused / unreachable / every target ejected  -> 502
         ├── UpstreamTimeoutError    connect or read timed out                     -> 504
@@ -33,7 +36,10 @@ __all__ = [
     "FilterTimeoutError",
     "FilterTrapError",
     "GatewayError",
+    "GeoDatabaseError",
     "RequestBodyError",
+    "StateError",
+    "StateUnavailableError",
     "UpstreamBodyError",
     "UpstreamConnectError",
     "UpstreamError",
@@ -82,9 +88,25 @@ class FilterProtocolError(FilterError):
     """The guest used the ABI in a way the host refuses (e.g. set an invalid header)."""
 
 
+class GeoDatabaseError(GatewayError):
+    """A geo database (MaxMind DB format) cannot be opened or read; the message names the file."""
+
+
 class RequestBodyError(GatewayError):
     """The caller's request body did not match its declared length (usually: the client went away mid-upload).
     The upstream connection is closed; nothing was answered."""
+
+
+class StateError(GatewayError):
+    """A shared-state backend failed. ``backend`` is "memory", "local" or "redis"."""
+
+    def __init__(self, message: str, backend: str = "") -> None:
+        super().__init__(message)
+        self.backend = backend
+
+
+class StateUnavailableError(StateError):
+    """The backend cannot answer now (down, refused, timed out); the configured failure policy applies."""
 
 
 class UpstreamError(GatewayError):

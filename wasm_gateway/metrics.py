@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,6 +228,27 @@ def runtime_metrics() -> RuntimeMetricSet:
             ),
         )
     return _runtime
+
+
+_state_errors: Counter | None = None
+
+
+def state_error_counter() -> Callable[[str, str], None]:
+    """The shared-state backends' error hook, counting into ``wasm_gateway_state_errors_total``."""
+    global _state_errors
+    if _state_errors is None:
+        _state_errors = Counter(
+            "wasm_gateway_state_errors_total",
+            "Shared-state backend failures and calls answered by its failure policy, by backend and kind "
+            "(timeout, connection, error, unavailable).",
+            ["backend", "kind"],
+        )
+    counter = _state_errors
+
+    def count(backend: str, kind: str) -> None:
+        counter.labels(backend, kind).inc()
+
+    return count
 
 
 def exposition() -> bytes:
