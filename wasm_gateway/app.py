@@ -48,6 +48,7 @@ from .forwarding import (
     response_headers,
     upstream_request_headers,
 )
+from .geo import GeoDatabase
 from .logs import AccessLog, configure_logging
 from .metrics import CONTENT_TYPE_LATEST, exposition, gateway_metrics, state_error_counter
 from .routing import PathRejected, RouteTable, canonicalize, normalize_host
@@ -128,6 +129,7 @@ class Gateway:
         self._metrics_server: asyncio.AbstractServer | None = None
         self.runtime: FilterRuntime | None = None
         self.state_store: SharedState | None = None
+        self.geo: GeoDatabase | None = None
         self._route_filters: dict[str, _RouteFilters] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -143,9 +145,13 @@ class Gateway:
             self.pools[name] = UpstreamPool(_settings(upstream, t.upstream_connect, t.upstream_read))
         if self.config.filters:
             try:
+                self.geo = GeoDatabase.from_config(self.config.geo)
                 self._load_filters()
             except BaseException:
                 self.state = Lifecycle.NEW
+                if self.geo is not None:
+                    self.geo.close()
+                    self.geo = None
                 for pool in self.pools.values():
                     await pool.close()
                 self.pools.clear()
@@ -216,6 +222,8 @@ class Gateway:
             self.runtime.close()
         if self.state_store is not None:
             await self.state_store.aclose()
+        if self.geo is not None:
+            self.geo.close()
         for pool in self.pools.values():
             await pool.close()
         if self._metrics_server is not None:
@@ -571,6 +579,7 @@ class Gateway:
             protocol="HTTP/" + scope.get("http_version", "1.1"),
             route_name=route.name,
             upstream_address=upstream,
+            extra=self.geo.properties_for(exchange.client) if self.geo is not None else {},
         )
 
     async def _filter_request(

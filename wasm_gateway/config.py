@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar
 import orjson
 
 from .exceptions import ConfigError
+from .geo import BUILTIN_COUNTRY, GeoConfig
 from .state.config import StateConfig
 
 __all__ = [
@@ -175,6 +176,8 @@ class GatewayConfig:
     """Where the config came from (file path), for messages."""
     cache_dir: Path | None = None
     """Directory for precompiled Wasm modules (None: a per-user cache directory)."""
+    geo: GeoConfig = field(default_factory=GeoConfig)
+    """Geolocation databases behind the ``geo.*`` properties (off unless a database is set)."""
     state: StateConfig = field(default_factory=StateConfig)
     """Where filters' shared data and queues live (embedded LMDB by default; Redis across nodes)."""
 
@@ -369,6 +372,7 @@ class _Validator:
                 "log",
                 "cache_dir",
                 "state",
+                "geo",
             },
         )
         server = self.server(raw.get("server", {}))
@@ -380,6 +384,7 @@ class _Validator:
         log = self.log(raw.get("log", {}))
         cache_dir = self.get(raw, "", "cache_dir", lambda k, v: self.base_dir / self.string(k, v), None)
         state = self.state(raw.get("state", {}))
+        geo = self.geo(raw.get("geo", {}))
         reserved = {server.health_path, server.ready_path}
         if metrics.enabled and metrics.port is None:
             reserved.add(metrics.path)
@@ -396,6 +401,7 @@ class _Validator:
             source=self.source,
             cache_dir=cache_dir,
             state=state,
+            geo=geo,
         )
 
     def server(self, raw: object) -> ServerConfig:
@@ -809,6 +815,31 @@ class _Validator:
             except ValueError:
                 self.error(f"trusted_proxies[{i}]", f'{s!r} is not an IP address or CIDR (e.g. "10.0.0.0/8")')
         return tuple(out)
+
+    def geo(self, raw: object) -> GeoConfig:
+        try:
+            t = self.table("geo", raw)
+        except _Invalid:
+            return GeoConfig()
+        self.unknown_keys("geo", t, {"database", "asn_database", "cache_size"})
+
+        def db_path(key: str, value: object) -> Path:
+            # Existence is checked when the gateway opens the database (start-up and `check`), not here.
+            s = self.string(key, value)
+            return Path(s) if s == BUILTIN_COUNTRY or Path(s).is_absolute() else self.base_dir / s
+
+        config = GeoConfig(
+            database=self.get(t, "geo", "database", db_path, None),
+            asn_database=self.get(t, "geo", "asn_database", db_path, None),
+            cache_size=self.get(
+                t, "geo", "cache_size", self.int_range(0, 10_000_000), GeoConfig().cache_size
+            ),
+        )
+        if config.asn_database is not None and config.database is None:
+            self.error(
+                "geo.asn_database", "needs geo.database as well (the ASN database only adds asn/as_org)"
+            )
+        return config
 
     def state(self, raw: object) -> StateConfig:
         try:

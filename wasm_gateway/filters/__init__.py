@@ -12,7 +12,7 @@ from typing import Final
 __all__ = ["BUNDLED_FILTERS", "FILTERS_DIR", "filter_path"]
 
 FILTERS_DIR: Final = Path(__file__).resolve().parent
-BUNDLED_FILTERS: Final = ("transform", "rate_limit", "auth")
+BUNDLED_FILTERS: Final = ("transform", "rate_limit", "auth", "geo")
 
 
 def filter_path(name: str) -> Path:

@@ -1,7 +1,8 @@
 //! geo: acts on where the client is, as the gateway's geo database tells it through properties.
 //!
 //! The gateway looks the client address up (see wasm_gateway/geo.py) and offers the result as the
-//! properties geo.country, geo.region, geo.region_name, geo.city, geo.asn, geo.as_org and geo.private.
+//! properties geo.country, geo.region, geo.region_name, geo.city, geo.asn, geo.as_org and geo.private,
+//! and all of them as the map property "geo" (read with one host call when two or more are needed).
 //! This filter, on request headers:
 //!   1. refuses clients by country (allow or deny list; private and unknown addresses by policy): 403 JSON;
 //!   2. answers a configured path itself with the client's geo JSON (an edge function);
@@ -53,6 +54,10 @@ const Settings = struct {
     answer_path: ?[]const u8 = null,
     /// Whether the access check can refuse anything (saves the property reads when it cannot).
     checks_access: bool = false,
+    /// Whether `strip` has prefixes (the header names must be read to find them).
+    strip_prefixes: bool = false,
+    /// How many distinct fields a request that passes reads.
+    fields_per_request: usize = 0,
 };
 
 var settings: Settings = .{};
@@ -64,7 +69,7 @@ pub fn configure(cfg: *proxy.Config, root: Value) proxy.ConfigError!void {
     const top = try cfg.object(root, "", &.{ "headers", "strip", "allow_countries", "deny_countries", "unknown", "private", "answer_path" });
     var s: Settings = .{};
     if (top.get("headers")) |v| s.headers = try geoHeaders(cfg, v, "headers");
-    s.strip = if (top.get("strip")) |v| try stripList(cfg, v, "strip") else &.{.{ .name = "x-geo-", .prefix = true }};
+    if (top.get("strip")) |v| s.strip = try stripList(cfg, v, "strip");
     if (top.get("allow_countries")) |v| s.allow = try countries(cfg, v, "allow_countries");
     if (top.get("deny_countries")) |v| s.deny = try countries(cfg, v, "deny_countries");
     if (top.get("allow_countries") != null and top.get("deny_countries") != null)
@@ -73,7 +78,12 @@ pub fn configure(cfg: *proxy.Config, root: Value) proxy.ConfigError!void {
     s.unknown = if (top.get("unknown")) |v| try cfg.choice(Policy, v, "unknown") else if (s.allow.len > 0) .deny else .allow;
     s.private = if (top.get("private")) |v| try cfg.choice(Policy, v, "private") else s.unknown;
     if (top.get("answer_path")) |v| s.answer_path = try answerPath(cfg, v, "answer_path");
+    for (s.strip) |st| s.strip_prefixes = s.strip_prefixes or st.prefix;
+    var fields = std.EnumSet(Field).initEmpty();
+    for (s.headers) |h| fields.insert(h.field);
     s.checks_access = s.allow.len > 0 or s.deny.len > 0 or s.unknown == .deny or s.private == .deny;
+    if (s.checks_access) fields.insert(.country);
+    s.fields_per_request = fields.count();
     settings = s;
     missing_warned = false;
 }
@@ -84,18 +94,18 @@ fn geoHeaders(cfg: *proxy.Config, v: Value, at: []const u8) proxy.ConfigError![]
     const m = v.object;
     if (m.count() > max_headers) return cfg.fail("{s}: at most {d} headers", .{ at, max_headers });
     const out = try cfg.alloc.alloc(GeoHeader, m.count());
-    for (m.keys(), m.values(), out) |k, val, *o| {
+    for (m.keys(), m.values(), 0..) |k, val, i| {
         const at_k = cfg.path(at, k);
         const name = try cfg.headerName(.{ .string = k }, at_k);
         for (managed_headers) |managed| {
             if (std.mem.eql(u8, managed, name))
                 return cfg.fail("{s}: \"{s}\" is managed by the gateway and cannot carry a geo value", .{ at_k, name });
         }
-        for (out[0 .. o - out.ptr]) |other| {
+        for (out[0..i]) |other| {
             if (std.mem.eql(u8, other.name, name))
                 return cfg.fail("{s}: \"{s}\" is configured twice (header names are case-insensitive)", .{ at_k, name });
         }
-        o.* = .{ .name = name, .field = try cfg.choice(Field, val, at_k) };
+        out[i] = .{ .name = name, .field = try cfg.choice(Field, val, at_k) };
     }
     return out;
 }
@@ -151,12 +161,40 @@ pub const Http = struct {};
 /// Set once the missing-properties warning was logged (per instance and configuration).
 var missing_warned = false;
 
-/// The geo properties of the current request, read from the host on first use.
+fn warnMissing() void {
+    if (missing_warned) return;
+    missing_warned = true;
+    proxy.log(.warn, "geo: the gateway offers no geo properties (is a geo database configured?); every client counts as unknown", .{});
+}
+
+/// The geo properties of the current request, read from the host on first use: the whole record at once
+/// from the map property "geo" when the host offers it (one host call), or one property per field.
 const Props = struct {
+    /// Read the "geo" map (worth it when two or more fields are needed; one small property is cheaper).
+    use_map: bool,
+    loaded: bool = false,
+    /// Values came from the "geo" map: text ("15169", "true"), not Envoy's typed encodings.
+    from_map: bool = false,
     values: [field_count]?[]const u8 = [_]?[]const u8{null} ** field_count,
     read: [field_count]bool = [_]bool{false} ** field_count,
 
+    fn load(self: *Props) void {
+        if (self.loaded or !self.use_map) return;
+        self.loaded = true;
+        const data = proxy.getProperty("geo") orelse return warnMissing();
+        const pairs = proxy.decodePairs(proxy.scratch, data) catch return;
+        self.from_map = true;
+        self.read = [_]bool{true} ** field_count;
+        self.values = [_]?[]const u8{null} ** field_count;
+        for (pairs) |pair| {
+            inline for (@typeInfo(Field).@"enum".fields, 0..) |f, i| {
+                if (std.mem.eql(u8, pair.name, f.name)) self.values[i] = pair.value;
+            }
+        }
+    }
+
     fn get(self: *Props, f: Field) ?[]const u8 {
+        self.load();
         const i = @intFromEnum(f);
         if (!self.read[i]) {
             self.values[i] = proxy.getProperty(property_paths[i]);
@@ -172,38 +210,44 @@ const Props = struct {
 
     fn asn(self: *Props) ?u64 {
         const v = self.get(.asn) orelse return null;
-        if (v.len != 8) return null;
-        const n = std.mem.readInt(u64, v[0..8], .little);
+        const n = if (self.from_map)
+            std.fmt.parseInt(u64, v, 10) catch return null
+        else if (v.len == 8)
+            std.mem.readInt(u64, v[0..8], .little)
+        else
+            return null;
         return if (n == 0) null else n;
     }
 
     fn private(self: *Props) ?bool {
         const v = self.get(.private) orelse return null;
+        if (self.from_map) return std.mem.eql(u8, v, "true");
         return if (v.len == 1) v[0] != 0 else null;
     }
 
     /// The client's country code, or null for a private or unknown address.
     fn country(self: *Props) ?[2]u8 {
+        // The gateway always sets geo.country when it has a database ("" when the address is unknown).
         const v = self.get(.country) orelse {
-            if (!missing_warned) {
-                missing_warned = true;
-                proxy.log(.warn, "geo: the gateway offers no geo.country property (is a geo database configured?); every client counts as unknown", .{});
-            }
+            if (!self.from_map) warnMissing();
             return null;
         };
-        if (v.len != 2) return null;
+        if (v.len != 2 or !std.ascii.isAlphabetic(v[0]) or !std.ascii.isAlphabetic(v[1])) return null;
         return .{ std.ascii.toUpper(v[0]), std.ascii.toUpper(v[1]) };
     }
 };
 
 pub fn onRequestHeaders(_: *Http, _: u32, _: bool) proxy.Action {
     const s = settings;
-    var props: Props = .{};
+    var props: Props = .{ .use_map = s.fields_per_request >= 2 };
     if (s.checks_access) {
         if (refusal(s, &props)) |country| return forbidden(country);
     }
     if (s.answer_path) |answer| {
-        if (isAnswerPath(answer)) return answerGeo(&props);
+        if (isAnswerPath(answer)) {
+            props.use_map = true; // every field
+            return answerGeo(&props);
+        }
     }
     if (s.headers.len > 0 or s.strip.len > 0) {
         setHeaders(s, &props) catch proxy.log(.err, "geo: could not edit the request headers (host call failed)", .{});
@@ -316,29 +360,28 @@ fn hostOf(address: []const u8) []const u8 {
 // ------------------------------------------------------------------------------------------------ headers
 
 fn setHeaders(s: Settings, props: *Props) proxy.HostError!void {
-    if (s.strip.len == 0) {
-        // Names only: one host call per header, no copy of the map.
-        for (s.headers) |h| {
-            if (try headerValue(props, h.field)) |v| proxy.replaceHeader(.request_headers, h.name, v) else proxy.removeHeader(.request_headers, h.name);
+    // Single host calls, no copy of the map written back: clients rarely send geo headers of their own,
+    // so removals are rare; the configured headers are replaced (which drops every client copy) or removed.
+    if (s.strip_prefixes) {
+        const list = try proxy.HeaderList.fetch(.request_headers);
+        for (list.items.items, 0..) |hd, i| {
+            if (!stripped(s, hd.name)) continue;
+            // Each name once (the host removes every value of a name).
+            const seen = for (list.items.items[0..i]) |earlier| {
+                if (std.ascii.eqlIgnoreCase(earlier.name, hd.name)) break true;
+            } else false;
+            if (!seen) proxy.removeHeader(.request_headers, hd.name);
         }
-        return;
-    }
-    var list = try proxy.HeaderList.fetch(.request_headers);
-    var kept: usize = 0;
-    const all = list.items.items;
-    for (all) |hd| {
-        if (stripped(s, hd.name)) continue;
-        all[kept] = hd;
-        kept += 1;
-    }
-    if (kept != all.len) {
-        list.items.items.len = kept;
-        list.changed = true;
+    } else {
+        for (s.strip) |st| proxy.removeHeader(.request_headers, st.name);
     }
     for (s.headers) |h| {
-        if (try headerValue(props, h.field)) |v| try list.add(h.name, v);
+        if (try headerValue(props, h.field)) |v| {
+            proxy.replaceHeader(.request_headers, h.name, v);
+        } else if (!s.strip_prefixes) {
+            proxy.removeHeader(.request_headers, h.name);
+        }
     }
-    try list.store(.request_headers);
 }
 
 fn stripped(s: Settings, name: []const u8) bool {
