@@ -69,17 +69,34 @@ def test_check_ok_and_failing(tmp_path: Path, origin: ThreadServer) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_serve_embedded_default() -> None:
+def test_serve_embedded_default_shows_the_four_filters() -> None:
     port = free_port()
     with Subprocess("serve", "--port", str(port), port=port) as gw:
-        response = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
-        assert response.status_code == 200
-        assert response.json()["message"] == "hello from the demo origin"
-        assert httpx.get(f"http://127.0.0.1:{port}/admin/", timeout=10).status_code == 401
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=10) as c:
+            assert c.get("/").json()["message"] == "hello from the demo origin"
+            assert c.get("/admin/").status_code == 401
+            assert c.get("/api/private/echo").status_code == 401
+            seen = c.get("/api/private/echo", headers={"x-api-key": "demo-key"}).json()
+            assert seen["headers"]["x-consumer"] == "demo-client" and "x-api-key" not in seen["headers"]
+            from wasm_gateway.cli import demo_token
+
+            seen = c.get(
+                "/api/private/echo",
+                headers={"authorization": f"Bearer {demo_token('demo-secret-change-me-0123456789abcdef')}"},
+            )
+            assert seen.json()["headers"]["x-user-id"] == "demo-user"
+            statuses = [c.get("/api/limited").status_code for _ in range(7)]
+            assert statuses[:5] == [200] * 5 and statuses[5:] == [429, 429]
+            assert c.get("/api/geo").json()["private"] is True
+            transformed = c.get("/api/transform/")
+            assert transformed.json()["message"] == "HELLO FROM THE DEMO ORIGIN"
+            assert transformed.headers["x-transformed"] == "response"
         assert gw.stop() == 0
         output = gw.output()
     assert f"listening on http://127.0.0.1:{port}" in output
-    assert "curl" in output
+    token_line = next(line for line in output.splitlines() if "authorization: Bearer" in line)
+    assert "curl" in token_line
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(tmp_path: Path, origin: ThreadServer) -> None:

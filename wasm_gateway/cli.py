@@ -126,10 +126,22 @@ def _serve(args: argparse.Namespace) -> int:
             f"wasm-gateway {__version__} listening on {base} ({workers} worker{'s' if workers > 1 else ''})"
         )
         if demo:
+            token = demo_token(
+                os.environ.get("WASM_GATEWAY_DEMO_JWT_SECRET", "demo-secret-change-me-0123456789abcdef")
+            )
             print("embedded demo config; try:")
-            print(f"  curl {base}/")
-            print(f"  curl {base}/echo")
-            print(f"  curl -i {base}/admin/   # 401 without an Authorization header")
+            print(f"  curl {base}/echo                                    # what the origin received")
+            print(f"  curl -i {base}/admin/                               # 401: a plain header guard")
+            print(f"  curl {base}/api/private/echo -H 'x-api-key: demo-key'")
+            print(f"  curl {base}/api/private/echo -H 'authorization: Bearer {token}'")
+            print(
+                f"  for i in $(seq 7); do curl -s -o /dev/null -w '%{{http_code}} ' {base}/api/limited; done"
+                "   # 5 x 200, then 429"
+            )
+            print(f"  curl {base}/api/geo                                 # answered by the geo filter")
+            print(
+                f"  curl -i {base}/api/transform/                       # rewritten path, upper-cased message"
+            )
         print(f"health: {base}{server.health_path}  metrics: {base}{config.metrics.path}", flush=True)
 
     options = ServeOptions(
@@ -148,6 +160,25 @@ def _serve(args: argparse.Namespace) -> int:
         on_started=started,
     )
     return serve(options)
+
+
+def demo_token(secret: str, ttl: int = 86_400) -> str:
+    """An HS256 JWT the embedded demo's auth filter accepts (sub demo-user, valid for a day)."""
+    import base64
+    import hashlib
+    import hmac
+    import time
+
+    import orjson
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    now = int(time.time())
+    claims = {"sub": "demo-user", "iss": "wasm-gateway-demo", "aud": "demo", "iat": now, "exp": now + ttl}
+    signing_input = b64(orjson.dumps({"alg": "HS256", "typ": "JWT"})) + "." + b64(orjson.dumps(claims))
+    signature = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + b64(signature)
 
 
 def _multiproc_dir(workers: int) -> str | None:

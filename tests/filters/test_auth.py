@@ -940,7 +940,10 @@ def test_docs_toml_example_is_accepted(auth: Auth) -> None:
     (example,) = re.findall(r"```toml\n(.*?)```", DOC.read_text(), flags=re.S)
     config = tomllib.loads(example)
     filter_config = config["filters"]["auth"]
-    assert filter_config["module"] == "${WASM_GATEWAY_FILTERS}/auth.wasm"
+    assert filter_config["module"] == "builtin:auth"
+    from wasm_gateway.config import parse_config
+
+    parse_config(example, env={})  # the whole example is a valid gateway config
     h = auth(filter_config["configuration"])
     refused(h.request(path="/api/orders"), 401, "unauthorized")
     r = admitted(h.request(path="/api/orders", headers=[("x-api-key", "demo-key-please-change")]))

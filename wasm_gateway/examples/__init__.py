@@ -24,7 +24,7 @@ def default_config() -> GatewayConfig:
 
 
 async def demo_origin(scope: Scope, receive: Receive, send: Send) -> None:
-    """A tiny origin: ``/`` greets, ``/echo`` shows what the gateway forwarded, anything else answers 200 JSON."""
+    """A tiny origin: any path with an ``echo`` segment shows what the gateway forwarded; others greet in JSON."""
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
@@ -39,7 +39,7 @@ async def demo_origin(scope: Scope, receive: Receive, send: Send) -> None:
         body += message.get("body", b"")
         if not message.get("more_body"):
             break
-    if scope["path"] == "/echo" or scope["path"].startswith("/echo/"):
+    if "echo" in scope["path"].split("/"):
         data: object = {
             "method": scope["method"],
             "path": scope["path"],
