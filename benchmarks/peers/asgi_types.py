@@ -1,0 +1,11 @@
+"""The few ASGI type aliases the peers need (kept here so the peers depend on nothing but uvicorn/aiohttp)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
