@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
@@ -182,7 +183,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3_000)
     parser.add_argument("--no-pin", action="store_true", help="do not pin origin and client to CPUs 1 and 0")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: run the origin on this port
+    parser.add_argument("--quick", action="store_true", help="1 round of 10,000 requests per client")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     args = parser.parse_args()
+    if args.quick:
+        args.requests, args.rounds, args.warmup = 10_000, 1, 1_000
+    if args.json:
+        sys.stdout = sys.stderr  # human-readable progress goes to stderr; the JSON alone to stdout
 
     if args.serve is not None:
         if not args.no_pin:
@@ -233,6 +240,16 @@ def main() -> None:
         f"  UpstreamPool vs aiohttp: {ours / theirs:.2f}x median req/s, "
         f"{theirs_cpu / ours_cpu:.2f}x less client CPU per request"
     )
+    if args.json:
+        summary = {
+            "upstream_pool_rps": ours,
+            "aiohttp_rps": theirs,
+            "rps_ratio": ours / theirs,
+            "upstream_pool_cpu_us_per_request": ours_cpu,
+            "aiohttp_cpu_us_per_request": theirs_cpu,
+            "cpu_ratio": theirs_cpu / ours_cpu,
+        }
+        sys.__stdout__.write(json.dumps(summary) + "\n")
 
 
 if __name__ == "__main__":
