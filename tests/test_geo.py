@@ -14,14 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import mmdb_writer
+import netaddr
 import pytest
 
-pytest.importorskip("maxminddb", reason="the geo extra (maxminddb) is not installed")
-mmdb_writer = pytest.importorskip("mmdb_writer", reason="mmdb-writer (dev extra) is not installed")
-netaddr = pytest.importorskip("netaddr", reason="netaddr (needed by mmdb-writer) is not installed")
-
-from wasm_gateway.exceptions import GatewayError, GeoDatabaseError  # noqa: E402
-from wasm_gateway.geo import (  # noqa: E402
+from wasm_gateway.exceptions import GatewayError, GeoDatabaseError
+from wasm_gateway.geo import (
     BUILTIN_COUNTRY,
     PROPERTY_NAMES,
     GeoConfig,
@@ -29,7 +27,7 @@ from wasm_gateway.geo import (  # noqa: E402
     GeoInfo,
     properties,
 )
-from wasm_gateway.runtime.memory import decode_pairs  # noqa: E402
+from wasm_gateway.runtime.memory import decode_pairs
 
 Records = dict[str, dict[str, Any]]
 
@@ -337,7 +335,6 @@ def test_flat_custom_layout_with_region_and_city(tmp_path: Path) -> None:
 
 
 def test_builtin_registry_country_table() -> None:
-    pytest.importorskip("iptocc", reason="iptocc (the optional registry-country table) is not installed")
     with GeoDatabase.open(BUILTIN_COUNTRY) as db:
         assert db.sources == (BUILTIN_COUNTRY,)
         google = db.lookup("8.8.8.8")  # registered to Google in ARIN's region for decades
