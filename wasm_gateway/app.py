@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -514,7 +515,7 @@ class Gateway:
             return None
         exchange.upstream_duration = time.perf_counter() - started
         if self.metrics is not None:
-            self.metrics.upstream_duration.labels(upstream_name).observe(exchange.upstream_duration)
+            self.metrics.upstream_child(upstream_name).observe(exchange.upstream_duration)
         return response
 
     async def _relay_response(
@@ -526,6 +527,11 @@ class Gateway:
         )
         exchange.status = status
         await send({"type": "http.response.start", "status": status, "headers": out})
+        whole = response.complete_body()
+        if whole is not None:  # small answers: one body message, and one write with the head
+            await send({"type": "http.response.body", "body": whole if exchange.method != "HEAD" else b""})
+            exchange.bytes_sent = len(whole)
+            return
         sent = 0
         if exchange.method != "HEAD":
             try:
@@ -1306,8 +1312,12 @@ def _xff(headers: Headers, peer: str | None, policy: ForwardingPolicy) -> list[b
     return [v for n, v in headers if n == b"x-forwarded-for"]
 
 
+# A Host header: visible ASCII without the characters that would let it carry a path, userinfo or quotes.
+_VALID_HOST = re.compile(rb"[!$-.0-9:;=A-Z\[\]_a-z~]{1,255}")
+
+
 def _valid_host(host: bytes) -> bool:
-    return len(host) <= 255 and all(33 <= c < 127 and c not in b'/\\?#@"<>{}|^`' for c in host)
+    return _VALID_HOST.fullmatch(host) is not None
 
 
 def _request_framing(headers: Headers) -> tuple[int | None, bool, str | None]:

@@ -63,6 +63,14 @@ class GatewayMetrics:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_children", {})
+        object.__setattr__(self, "_upstream_children", {})
+
+    def upstream_child(self, upstream: str) -> Any:
+        children: dict[str, Any] = self._upstream_children  # type: ignore[attr-defined]
+        child = children.get(upstream)
+        if child is None:
+            child = children[upstream] = self.upstream_duration.labels(upstream)
+        return child
 
     def request_child(self, route: str, method: str, status: int) -> Any:
         # labels() costs a lock and a dict lookup per call; cache the child per label tuple.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -228,3 +229,22 @@ async def test_request_body_iterator_error_propagates(origins: Origins, pools: P
     await origin.connection_closed.wait()  # the half-sent request's connection is dropped
     _, data = await get(pool)
     assert data.startswith(b"GET / conn=1")
+
+
+async def test_complete_body_only_when_it_arrived_with_the_head(origins: Origins, pools: Pools) -> None:
+    small = await origins.start(keep_alive(lambda r: response(b"tiny")))
+    resp = await pools.make(small).request("GET", "/", list(HOST), None, idempotent=True)
+    assert resp.complete_body() == b"tiny"
+    await resp.aclose()
+
+    async def slow_body(conn: OriginConnection) -> None:
+        while await conn.read_request():
+            await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234")
+            await asyncio.sleep(0.2)
+            await conn.send(b"56789")
+
+    streamed = await origins.start(slow_body)
+    resp = await pools.make(streamed).request("GET", "/", list(HOST), None, idempotent=True)
+    assert resp.complete_body() is None  # the body is still arriving: stream it
+    assert await resp.read() == b"0123456789"
+    await resp.aclose()

@@ -699,6 +699,16 @@ class UpstreamResponse:
                 raise StopAsyncIteration
             await conn.body_waiter()
 
+    def complete_body(self) -> bytes | None:
+        """The whole body when it arrived with the head (already detached from the connection), else None.
+
+        Lets the caller answer a small response in one piece instead of streaming it."""
+        if self._conn is not None:
+            return None
+        rest = self._rest
+        self._rest = b""
+        return rest
+
     async def read(self) -> bytes:
         """The whole (remaining) body."""
         if self._conn is None:
