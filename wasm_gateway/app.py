@@ -77,11 +77,15 @@ class Lifecycle(Enum):
     CLOSED = "closed"
 
 
-class _BodyTooLarge(Exception):
+class _RequestEnded(Exception):
+    """The request phase stopped before the target was reached (raised out of body iterators too)."""
+
+
+class _BodyTooLarge(_RequestEnded):
     pass
 
 
-class _ClientGone(Exception):
+class _ClientGone(_RequestEnded):
     pass
 
 
@@ -421,21 +425,8 @@ class Gateway:
                         chunked,
                     )
                     method, target, out_headers, body = request
-            except _ClientGone:
-                exchange.status = 499  # the client went away mid-upload (nginx's code for it)
-                exchange.log()
-                return
-            except _BodyTooLarge:
-                await exchange.error(
-                    send,
-                    413,
-                    "payload_too_large",
-                    f"request body exceeds {self._max_body} bytes",
-                    "body_too_large",
-                )
-                return
-            except _LocalAnswer as answer:
-                await exchange.local(send, answer.response)
+            except _RequestEnded as ended:
+                await self._request_ended(exchange, send, ended)
                 return
             response = await self._upstream(exchange, upstream_name, send, method, target, out_headers, body)
             if response is None:
@@ -485,21 +476,11 @@ class Gateway:
             response = await self.pools[upstream_name].request(
                 method, target, headers, body, idempotent=method in _IDEMPOTENT
             )
-        except _BodyTooLarge:
-            await exchange.error(
-                send,
-                413,
-                "payload_too_large",
-                f"request body exceeds {self._max_body} bytes",
-                "body_too_large",
-            )
+        except _RequestEnded as ended:
+            await self._request_ended(exchange, send, ended)
             return None
-        except _LocalAnswer as answer:
-            await exchange.local(send, answer.response)
-            return None
-        except (_ClientGone, RequestBodyError):
-            exchange.status = 499
-            exchange.log()
+        except RequestBodyError:
+            await self._request_ended(exchange, send, _ClientGone())
             return None
         except UpstreamError as exc:
             self._count_upstream_error(upstream_name, exc)
@@ -776,21 +757,8 @@ class Gateway:
                     body_length,
                     chunked,
                 )
-            except _ClientGone:
-                exchange.status = 499
-                exchange.log()
-                return
-            except _BodyTooLarge:
-                await exchange.error(
-                    send,
-                    413,
-                    "payload_too_large",
-                    f"request body exceeds {self._max_body} bytes",
-                    "body_too_large",
-                )
-                return
-            except _LocalAnswer as answer:
-                await exchange.local(send, answer.response)
+            except _RequestEnded as ended:
+                await self._request_ended(exchange, send, ended)
                 return
             new_path, _, new_query = target.partition("?")
             app_scope = dict(scope)
@@ -828,20 +796,9 @@ class Gateway:
                     chunks = None
                     state.body_sent = True
                     return {"type": "http.request", "body": b"", "more_body": False}
-                except _LocalAnswer as answer:
+                except _RequestEnded as ended:
                     state.stopped = True
-                    await exchange.local(send, answer.response)
-                except _BodyTooLarge:
-                    state.stopped = True
-                    await exchange.error(
-                        send,
-                        413,
-                        "payload_too_large",
-                        f"request body exceeds {self._max_body} bytes",
-                        "body_too_large",
-                    )
-                except _ClientGone:
-                    state.stopped = True
+                    await self._request_ended(exchange, send, ended)
                 return {"type": "http.disconnect"}
 
             async def app_send(message: Message) -> None:
@@ -881,6 +838,22 @@ class Gateway:
                 exchange.log()
         finally:
             stream.finish()
+
+    async def _request_ended(self, exchange: _Exchange, send: Send, ended: _RequestEnded) -> None:
+        """Answer a request whose request phase stopped: client gone, body too large, or a filter's answer."""
+        if isinstance(ended, _LocalAnswer):
+            await exchange.local(send, ended.response)
+        elif isinstance(ended, _BodyTooLarge):
+            await exchange.error(
+                send,
+                413,
+                "payload_too_large",
+                f"request body exceeds {self._max_body} bytes",
+                "body_too_large",
+            )
+        else:
+            exchange.status = 499  # the client went away mid-request (nginx's code for it)
+            exchange.log()
 
     def _count_upstream_error(self, upstream: str, exc: UpstreamError) -> None:
         if self.metrics is not None:
@@ -968,7 +941,7 @@ class Gateway:
         await send({"type": "http.response.body", "body": data})
 
 
-class _LocalAnswer(Exception):
+class _LocalAnswer(_RequestEnded):
     """A filter answered the request itself (or failed closed); raised out of body iterators too."""
 
     def __init__(self, response: LocalResponse) -> None:
