@@ -255,6 +255,8 @@ class FilterHarness:
             await self._run(stream, req_headers, chunks, response, response_chunks, result)
         finally:
             stream.finish()
+            # A filter whose proxy_on_done answered false finishes the stream later (proxy_done()).
+            await self.runtime.drain()
             with self._lock:
                 result.logs = list(self._logs)
                 result.http_calls = list(self._calls)

@@ -26,7 +26,7 @@ def test_cache_written_then_used(tmp_path: Path) -> None:
     second = load_module(path, cache)
     assert second.timings.source == "cache"
     assert second.sha256 == first.sha256
-    assert entry.read_bytes().startswith(b"WGCWASM1 " + first.sha256.encode())
+    assert entry.read_bytes().startswith(b"WGCWASM2 " + first.sha256.encode())
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "foreign", "garbage"])

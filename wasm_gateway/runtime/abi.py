@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Final
 
 import wasmtime
@@ -128,28 +128,50 @@ GUEST_EXPORTS: Final[Mapping[str, tuple[tuple[int, int], ...]]] = {
 }
 
 
-def export_shapes(module: wasmtime.Module) -> dict[str, tuple[int, int]]:
-    """(param count, result count) of every exported function whose types are all i32."""
+def export_shapes(
+    module: wasmtime.Module,
+    *,
+    exports: Mapping[str, wasmtime.ExportType] | None = None,
+    only: Collection[str] | None = None,
+) -> dict[str, tuple[int, int]]:
+    """(param count, result count) of every exported function whose types are all i32 ((-1, -1) for a
+    function with other types). ``exports``: the module's by name, when the caller has them (they are
+    slow to list); ``only``: look at these export names only (reading a type is slow too)."""
     shapes: dict[str, tuple[int, int]] = {}
     i32 = wasmtime.ValType.i32()
-    for exp in module.exports:
+    by_name = {e.name: e for e in module.exports} if exports is None else exports
+    for name, exp in by_name.items():
+        if only is not None and name not in only:
+            continue
         ty = exp.type
         if isinstance(ty, wasmtime.FuncType):
-            if all(p == i32 for p in ty.params) and all(r == i32 for r in ty.results):
-                shapes[exp.name] = (len(ty.params), len(ty.results))
+            params = ty.params
+            results = ty.results
+            if all(p == i32 for p in params) and all(r == i32 for r in results):
+                shapes[name] = (len(params), len(results))
             else:
-                shapes[exp.name] = (-1, -1)
+                shapes[name] = (-1, -1)
     return shapes
 
 
-def detect_abi(module: wasmtime.Module, path: object) -> AbiVersion:
-    """The module's Proxy-Wasm ABI version; FilterLoadError naming ``path`` for anything else."""
-    names = {e.name for e in module.exports}
+def detect_abi(
+    module: wasmtime.Module,
+    path: object,
+    *,
+    export_names: Collection[str] | None = None,
+    import_names: Collection[tuple[str, str]] | None = None,
+) -> AbiVersion:
+    """The module's Proxy-Wasm ABI version; FilterLoadError naming ``path`` for anything else.
+
+    ``export_names`` / ``import_names`` ((module, name) pairs): the module's, when the caller already has
+    them (slow to list).
+    """
+    names = {e.name for e in module.exports} if export_names is None else export_names
     for export, version in _VERSION_EXPORTS:
         if export in names:
             return version
-    imports = {(i.module, i.name) for i in module.imports}
-    if "handle_request" in names or any(m == "http_handler" for m, _ in imports):
+    imported = {(i.module, i.name) for i in module.imports} if import_names is None else import_names
+    if "handle_request" in names or any(m == "http_handler" for m, _ in imported):
         raise FilterLoadError(
             f"{path}: this is an http-wasm module (exports handle_request / imports http_handler.*), "
             "not a Proxy-Wasm filter; wasm-gateway runs Proxy-Wasm filters (ABI 0.1.0, 0.2.0, 0.2.1)"

@@ -3,7 +3,7 @@
 Compiled modules are cached on disk. A cache entry is a header line followed by wasmtime's serialized
 artifact::
 
-    WGCWASM1 <module sha256> <engine key sha256> <payload sha256> <payload length>\\n<payload>
+    WGCWASM2 <module sha256> <engine key sha256> <payload crc32, 8 hex digits> <payload length>\\n<payload>
 
 The engine key covers the wasmtime version, the platform and every engine setting that changes generated
 code, so an entry written by another version or configuration is never deserialised. Any mismatch,
@@ -13,6 +13,7 @@ truncation or deserialisation failure means "recompile and replace"; it is never
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import importlib.metadata
 import logging
@@ -21,6 +22,7 @@ import platform
 import tempfile
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -28,23 +30,30 @@ from typing import Final
 import wasmtime
 
 from ..exceptions import FilterLoadError
+from . import fastcall
+from .wasmsummary import ModuleSummary, summarize
 
 __all__ = [
     "EPOCH_TICK_SECONDS",
     "CachedModule",
     "EngineSettings",
     "LoadTimings",
+    "cache_entry_path",
+    "calls_hold_gil",
     "deadline_ticks",
     "get_engine",
     "load_module",
     "precompile",
+    "read_cache_entry",
     "shutdown_engines",
+    "write_cache_entry",
 ]
 
 _log = logging.getLogger("wasm_gateway.runtime")
 
 EPOCH_TICK_SECONDS: Final = 0.005
-_MAGIC: Final = b"WGCWASM1"
+_MAGIC: Final = b"WGCWASM2"  # payload checked with CRC-32 (cheap enough to verify on every load)
+_MAGIC_V1: Final = b"WGCWASM1"  # payload checked with SHA-256: still read
 WASMTIME_VERSION: Final = importlib.metadata.version("wasmtime")
 
 
@@ -57,6 +66,12 @@ class EngineSettings:
     max_wasm_stack: int = 512 * 1024
 
     def key(self) -> str:
+        key = _SETTINGS_KEYS.get(self)
+        if key is None:
+            key = _SETTINGS_KEYS[self] = self._key()
+        return key
+
+    def _key(self) -> str:
         text = (
             f"wasmtime={WASMTIME_VERSION};machine={platform.machine()};system={platform.system()};"
             f"epoch=1;fuel={int(self.consume_fuel)};opt={self.opt_level};stack={self.max_wasm_stack};"
@@ -65,8 +80,11 @@ class EngineSettings:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+_SETTINGS_KEYS: dict[EngineSettings, str] = {}
+
+
 class _EpochTicker:
-    """Advances an engine's epoch every EPOCH_TICK_SECONDS so a spinning guest hits its deadline."""
+    """Advances an engine's epoch every EPOCH_TICK_SECONDS from a Python thread (when no native timer)."""
 
     def __init__(self, engine: wasmtime.Engine) -> None:
         self._engine = engine
@@ -86,11 +104,20 @@ class _EpochTicker:
 @dataclass
 class _EngineEntry:
     engine: wasmtime.Engine
-    ticker: _EpochTicker
+    ticker: _EpochTicker | fastcall.NativeTicker
+
+    @property
+    def native(self) -> bool:
+        return isinstance(self.ticker, fastcall.NativeTicker)
 
 
 _ENGINES: dict[EngineSettings, _EngineEntry] = {}
+# Engines whose ticker ran natively, by address: guest calls on them hold the GIL (see fastcall). Never
+# emptied (the engines stay referenced, so an address is never reused by another engine).
+_NATIVE_ENGINES: dict[int, wasmtime.Engine] = {}
 _ENGINES_LOCK = threading.Lock()
+# "thread" forces the Python ticker thread (and GIL-releasing guest calls), for comparison and debugging.
+_TICKER_KIND: Final = os.environ.get("WASM_GATEWAY_EPOCH_TICKER", "native")
 
 
 def get_engine(settings: EngineSettings = EngineSettings()) -> wasmtime.Engine:
@@ -106,9 +133,25 @@ def get_engine(settings: EngineSettings = EngineSettings()) -> wasmtime.Engine:
             # The host caches each instance's memory base address: memories must never move.
             cfg.memory_may_move = False
             engine = wasmtime.Engine(cfg)
-            entry = _EngineEntry(engine, _EpochTicker(engine))
+            ticker: _EpochTicker | fastcall.NativeTicker | None = None
+            if _TICKER_KIND == "native":
+                ticker = fastcall.start_native_ticker(engine, EPOCH_TICK_SECONDS)
+            if ticker is None:
+                ticker = _EpochTicker(engine)
+            else:
+                _NATIVE_ENGINES[_engine_address(engine)] = engine
+            entry = _EngineEntry(engine, ticker)
             _ENGINES[settings] = entry
         return entry.engine
+
+
+def _engine_address(engine: wasmtime.Engine) -> int:
+    return ctypes.addressof(engine.ptr().contents)
+
+
+def calls_hold_gil(engine: wasmtime.Engine) -> bool:
+    """Whether guest calls on ``engine`` may keep the GIL: its epoch ticker needs no Python."""
+    return _engine_address(engine) in _NATIVE_ENGINES
 
 
 def shutdown_engines() -> None:
@@ -141,35 +184,53 @@ class CachedModule:
     sha256: str
     path: Path
     timings: LoadTimings = field(default_factory=LoadTimings)
+    # The module's source bytes, kept until it is linked (None for a precompiled file)
+    source: bytes | None = None
+
+    def summary(self) -> ModuleSummary | None:
+        """Imports/exports read from the source bytes (None without them or when they cannot be read:
+        ask wasmtime). Linking calls this once; the bytes are dropped afterwards."""
+        wasm = self.source
+        self.source = None
+        if wasm is None:
+            return None
+        try:
+            return summarize(wasm)
+        except (ValueError, IndexError, UnicodeDecodeError):
+            return None
 
 
 def _header(module_sha: str, engine_key: str, payload: bytes) -> bytes:
-    digest = hashlib.sha256(payload).hexdigest()
-    return b"%s %s %s %s %d\n" % (
+    return b"%s %s %s %08x %d\n" % (
         _MAGIC,
         module_sha.encode(),
         engine_key.encode(),
-        digest.encode(),
+        zlib.crc32(payload),
         len(payload),
     )
 
 
 def _parse(blob: bytes) -> tuple[str, str, bytes] | None:
-    """(module sha, engine key, payload) of a well-formed, hash-verified entry, else None."""
+    """(module sha, engine key, payload) of a well-formed, checksum-verified entry, else None."""
     nl = blob.find(b"\n", 0, 512)
     if nl < 0:
         return None
     parts = blob[:nl].split(b" ")
-    if len(parts) != 5 or parts[0] != _MAGIC:
+    if len(parts) != 5 or parts[0] not in (_MAGIC, _MAGIC_V1):
         return None
-    payload = blob[nl + 1 :]
+    payload = memoryview(blob)[nl + 1 :]
     try:
         length = int(parts[4])
     except ValueError:
         return None
-    if length != len(payload) or hashlib.sha256(payload).hexdigest().encode() != parts[3]:
+    if length != len(payload):
         return None
-    return parts[1].decode("ascii", "replace"), parts[2].decode("ascii", "replace"), payload
+    if parts[0] == _MAGIC:
+        if b"%08x" % zlib.crc32(payload) != parts[3]:
+            return None
+    elif hashlib.sha256(payload).hexdigest().encode() != parts[3]:
+        return None
+    return parts[1].decode("ascii", "replace"), parts[2].decode("ascii", "replace"), bytes(payload)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -241,7 +302,7 @@ def load_module(
         raise FilterLoadError(f"{p}: cannot read module: {exc.strerror}") from None
     timings.read = time.perf_counter() - t0
 
-    if blob.startswith(_MAGIC):
+    if blob.startswith(_MAGIC) or blob.startswith(_MAGIC_V1):
         parsed = _parse(blob)
         if parsed is None:
             raise FilterLoadError(f"{p}: corrupt precompiled module (header or checksum mismatch)")
@@ -261,27 +322,46 @@ def load_module(
         return CachedModule(module, module_sha, p, timings)
 
     module_sha = hashlib.sha256(blob).hexdigest()
-    entry = Path(cache_dir) / f"{module_sha}-{engine_key[:16]}.cwasm" if cache_dir is not None else None
+    entry = cache_entry_path(cache_dir, module_sha, settings) if cache_dir is not None else None
     if entry is not None:
         t0 = time.perf_counter()
         from_cache = _try_cache(engine, entry, module_sha, engine_key)
         if from_cache is not None:
             timings.deserialize = time.perf_counter() - t0
             timings.source = "cache"
-            return CachedModule(from_cache, module_sha, p, timings)
+            return CachedModule(from_cache, module_sha, p, timings, blob)
 
     t0 = time.perf_counter()
     module = _compile(engine, blob, p)
     timings.compile = time.perf_counter() - t0
     if entry is not None:
         t0 = time.perf_counter()
-        try:
-            payload = bytes(module.serialize())
-            _atomic_write(entry, _header(module_sha, engine_key, payload) + payload)
-        except (OSError, wasmtime.WasmtimeError) as exc:
-            _log.warning("cannot write module cache entry %s: %s", entry, exc)
+        write_cache_entry(entry, module_sha, settings, module)
         timings.cache_write = time.perf_counter() - t0
-    return CachedModule(module, module_sha, p, timings)
+    return CachedModule(module, module_sha, p, timings, blob)
+
+
+def cache_entry_path(cache_dir: str | os.PathLike[str], module_sha: str, settings: EngineSettings) -> Path:
+    """Where the compiled form of the module with sha256 ``module_sha`` is cached."""
+    return Path(cache_dir) / f"{module_sha}-{settings.key()[:16]}.cwasm"
+
+
+def read_cache_entry(
+    engine: wasmtime.Engine, entry: Path, module_sha: str, settings: EngineSettings
+) -> wasmtime.Module | None:
+    """The cached module, or None (absent, corrupt, foreign: the caller compiles)."""
+    return _try_cache(engine, entry, module_sha, settings.key())
+
+
+def write_cache_entry(
+    entry: Path, module_sha: str, settings: EngineSettings, module: wasmtime.Module
+) -> None:
+    """Cache ``module`` (best effort: a failure is logged, never raised)."""
+    try:
+        payload = bytes(module.serialize())
+        _atomic_write(entry, _header(module_sha, settings.key(), payload) + payload)
+    except (OSError, wasmtime.WasmtimeError) as exc:
+        _log.warning("cannot write module cache entry %s: %s", entry, exc)
 
 
 def _try_cache(

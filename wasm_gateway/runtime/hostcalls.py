@@ -16,10 +16,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Final
 
+from . import fastcall
 from .abi import AbiVersion, BufferType, MapType, MetricType, StreamType
 from .context import Headers, HostState, HttpCallRequest, LocalResponse, PendingHttpCall, StreamContext
 from .fastcall import I32, I64
 from .memory import decode_pairs, encode_pairs
+from .memory import pack_u32 as _pack_u32
 from .properties import get_property
 
 __all__ = ["HOST_TABLES", "HostFunction", "header_error", "pairs_to_headers"]
@@ -33,19 +35,41 @@ EMPTY: Final = 7
 INTERNAL_FAILURE: Final = 10
 UNIMPLEMENTED: Final = 12
 
+# IntEnum members as plain ints: enum attribute access costs ~150 ns on the hot path.
+_BUF_FOREIGN_FUNCTION_ARGUMENTS: Final = int(BufferType.FOREIGN_FUNCTION_ARGUMENTS)
+_BUF_HTTP_CALL_RESPONSE_BODY: Final = int(BufferType.HTTP_CALL_RESPONSE_BODY)
+_BUF_PLUGIN_CONFIGURATION: Final = int(BufferType.PLUGIN_CONFIGURATION)
+_BUF_REQUEST_BODY: Final = int(BufferType.REQUEST_BODY)
+_BUF_RESPONSE_BODY: Final = int(BufferType.RESPONSE_BODY)
+_BUF_VM_CONFIGURATION: Final = int(BufferType.VM_CONFIGURATION)
+_MAP_HTTP_CALL_RESPONSE_HEADERS: Final = int(MapType.HTTP_CALL_RESPONSE_HEADERS)
+_MAP_HTTP_CALL_RESPONSE_TRAILERS: Final = int(MapType.HTTP_CALL_RESPONSE_TRAILERS)
+_MAP_RESPONSE_TRAILERS: Final = int(MapType.RESPONSE_TRAILERS)
+_STREAM_HTTP_REQUEST: Final = int(StreamType.HTTP_REQUEST)
+_STREAM_HTTP_RESPONSE: Final = int(StreamType.HTTP_RESPONSE)
+_STREAM_UPSTREAM: Final = int(StreamType.UPSTREAM)
+
 _TOKEN_RE: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
 _PSEUDO: Final = frozenset({":method", ":path", ":authority", ":scheme", ":status", ":protocol"})
 _BAD_VALUE_RE: Final = re.compile(r"[\r\n\0]")
 
 
+# Names already found valid (filters set the same few names over and over), bounded.
+_VALID_NAMES: Final[set[str]] = set(_PSEUDO)
+_VALID_NAMES_MAX: Final = 4096
+
+
 def header_error(name: str, value: str) -> str | None:
     """Why (name, value) may not be set, or None when it is valid. ``name`` is already lower-case."""
-    if name.startswith(":"):
-        if name not in _PSEUDO:
+    if name not in _VALID_NAMES:
+        if name.startswith(":"):
             return f"unknown pseudo-header {name!r}"
-    elif not _TOKEN_RE.match(name):
-        return f"invalid header name {name!r}"
-    if _BAD_VALUE_RE.search(value):
+        if not _TOKEN_RE.match(name):
+            return f"invalid header name {name!r}"
+        if len(_VALID_NAMES) < _VALID_NAMES_MAX:
+            _VALID_NAMES.add(name)
+    # Printable text cannot hold CR, LF or NUL; only the rest (tabs, obs-text) needs the full check.
+    if not value.isprintable() and _BAD_VALUE_RE.search(value):
         return f"header {name!r} value contains CR, LF or NUL"
     return None
 
@@ -76,9 +100,9 @@ def _map_of(st: HostState, mtype: int) -> Headers | None:
     if mtype == 3:
         return s.response_trailers if s is not None else None
     r = st.http_call_response
-    if mtype == MapType.HTTP_CALL_RESPONSE_HEADERS:
+    if mtype == _MAP_HTTP_CALL_RESPONSE_HEADERS:
         return r.headers if r is not None else None
-    if mtype == MapType.HTTP_CALL_RESPONSE_TRAILERS:
+    if mtype == _MAP_HTTP_CALL_RESPONSE_TRAILERS:
         return r.trailers if r is not None else None
     return None
 
@@ -110,12 +134,12 @@ def _protocol_error(st: HostState, message: str) -> int:
 
 
 def proxy_log(st: HostState, level: int, ptr: int, n: int) -> int:
-    data = st.memory.read(ptr, n) if st.memory is not None else None
-    if data is None:
+    mem = st.memory
+    if mem is None or not mem.fits(ptr + n):
         return INVALID_MEMORY_ACCESS
     svc = st.services
     if level >= svc.log_level or st.logs is not None:
-        msg = data.decode("utf-8", "replace")
+        msg = str(mem.view[ptr : ptr + n], "utf-8", "replace")
         if st.logs is not None:
             st.logs.append((level, msg))
         if level >= svc.log_level:
@@ -168,18 +192,18 @@ def proxy_done(st: HostState) -> int:
 
 def _buffer(st: HostState, btype: int) -> bytes | bytearray | None:
     s = st.current
-    if btype == BufferType.REQUEST_BODY:
+    if btype == _BUF_REQUEST_BODY:
         return s.request_body if s is not None else None
-    if btype == BufferType.RESPONSE_BODY:
+    if btype == _BUF_RESPONSE_BODY:
         return s.response_body if s is not None else None
-    if btype == BufferType.HTTP_CALL_RESPONSE_BODY:
+    if btype == _BUF_HTTP_CALL_RESPONSE_BODY:
         r = st.http_call_response
         return r.body if r is not None else None
-    if btype == BufferType.VM_CONFIGURATION:
+    if btype == _BUF_VM_CONFIGURATION:
         return st.services.vm_configuration
-    if btype == BufferType.PLUGIN_CONFIGURATION:
+    if btype == _BUF_PLUGIN_CONFIGURATION:
         return st.services.configuration
-    if btype == BufferType.FOREIGN_FUNCTION_ARGUMENTS:
+    if btype == _BUF_FOREIGN_FUNCTION_ARGUMENTS:
         return st.foreign_args
     return None
 
@@ -187,7 +211,7 @@ def _buffer(st: HostState, btype: int) -> bytes | bytearray | None:
 def proxy_get_buffer_bytes(
     st: HostState, btype: int, start: int, length: int, ptr_ptr: int, len_ptr: int
 ) -> int:
-    if btype > BufferType.FOREIGN_FUNCTION_ARGUMENTS:
+    if btype > _BUF_FOREIGN_FUNCTION_ARGUMENTS:
         return BAD_ARGUMENT
     buf = _buffer(st, btype)
     if buf is None:
@@ -200,16 +224,16 @@ def proxy_get_buffer_bytes(
 
 
 def proxy_get_buffer_status(st: HostState, btype: int, len_ptr: int, flags_ptr: int) -> int:
-    if btype > BufferType.FOREIGN_FUNCTION_ARGUMENTS:
+    if btype > _BUF_FOREIGN_FUNCTION_ARGUMENTS:
         return BAD_ARGUMENT
     buf = _buffer(st, btype)
     if buf is None:
         return NOT_FOUND
     s = st.current
     eos = 0
-    if s is not None and btype == BufferType.REQUEST_BODY:
+    if s is not None and btype == _BUF_REQUEST_BODY:
         eos = int(s.request_eos)
-    elif s is not None and btype == BufferType.RESPONSE_BODY:
+    elif s is not None and btype == _BUF_RESPONSE_BODY:
         eos = int(s.response_eos)
     assert st.memory is not None
     ok = st.memory.write_u32(len_ptr, len(buf)) and st.memory.write_u32(flags_ptr, eos)
@@ -222,9 +246,10 @@ def proxy_set_buffer_bytes(st: HostState, btype: int, start: int, size: int, ptr
     if data is None:
         return INVALID_MEMORY_ACCESS
     s = st.current
-    if s is None or btype not in (BufferType.REQUEST_BODY, BufferType.RESPONSE_BODY):
+    if s is None or btype not in (_BUF_REQUEST_BODY, _BUF_RESPONSE_BODY):
         return BAD_ARGUMENT
-    buf = s.request_body if btype == BufferType.REQUEST_BODY else s.response_body
+    buf = s.request_body if btype == _BUF_REQUEST_BODY else s.response_body
+    st.attention = True  # the body the driver releases is no longer the chunk it was given
     # Envoy's rules: (0, 0) prepends, (0, >= len) replaces, start >= len appends; we also splice in between.
     if start >= len(buf):
         buf += data
@@ -239,7 +264,7 @@ def proxy_set_buffer_bytes(st: HostState, btype: int, start: int, size: int, ptr
 def proxy_get_header_map_pairs(st: HostState, mtype: int, ptr_ptr: int, len_ptr: int) -> int:
     headers = _map_of(st, mtype)
     if headers is None:
-        return BAD_ARGUMENT if mtype > MapType.HTTP_CALL_RESPONSE_TRAILERS else NOT_FOUND
+        return BAD_ARGUMENT if mtype > _MAP_HTTP_CALL_RESPONSE_TRAILERS else NOT_FOUND
     assert st.memory is not None
     ok = st.memory.return_bytes(_encode_headers(headers), ptr_ptr, len_ptr)
     return OK if ok else INVALID_MEMORY_ACCESS
@@ -270,29 +295,32 @@ def proxy_get_header_map_size(st: HostState, mtype: int, size_ptr: int) -> int:
 
 def _key(st: HostState, ptr: int, n: int) -> str | None:
     assert st.memory is not None
-    raw = st.memory.read(ptr, n)
-    return None if raw is None else raw.decode("latin-1").lower()
+    raw = st.memory.read_latin1(ptr, n)
+    return None if raw is None else raw.lower()
 
 
 def _get_value(
     st: HostState, mtype: int, kptr: int, klen: int, vptr_ptr: int, vlen_ptr: int, missing: int
 ) -> int:
-    key = _key(st, kptr, klen)
-    if key is None:
+    mem = st.memory
+    assert mem is not None
+    key = mem.read_latin1(kptr, klen)
+    if key is None or not (mem.fits(vptr_ptr + 4) and mem.fits(vlen_ptr + 4)):
         return INVALID_MEMORY_ACCESS
     headers = _map_of(st, mtype)
     if headers is None:
         return BAD_ARGUMENT
-    values = [v for k, v in headers if k == key]
-    assert st.memory is not None
-    if not values:
-        if missing == OK and not st.memory.return_bytes(b"", vptr_ptr, vlen_ptr):
+    key = key.lower()
+    value: str | None = None
+    for k, v in headers:
+        if k == key:
+            # Envoy joins repeated headers with a comma.
+            value = v if value is None else f"{value},{v}"
+    if value is None:
+        if missing == OK and not mem.return_bytes(b"", vptr_ptr, vlen_ptr):
             return INVALID_MEMORY_ACCESS
         return missing
-    # Envoy joins repeated headers with a comma.
-    value = values[0] if len(values) == 1 else ",".join(values)
-    ok = st.memory.return_bytes(value.encode("latin-1"), vptr_ptr, vlen_ptr)
-    return OK if ok else INVALID_MEMORY_ACCESS
+    return OK if mem.return_bytes(value.encode("latin-1"), vptr_ptr, vlen_ptr) else INVALID_MEMORY_ACCESS
 
 
 def proxy_get_header_map_value(st: HostState, mtype: int, kptr: int, klen: int, vpp: int, vlp: int) -> int:
@@ -306,13 +334,87 @@ def proxy_get_header_map_value_0_1(
     return _get_value(st, mtype, kptr, klen, vpp, vlp, OK)
 
 
+_ARGS: Final = fastcall.ARGS
+_put: Final = fastcall.put_result
+_unpack5: Final = fastcall.args_unpacker(5)
+_SLOT: Final = fastcall.HOST_STATE
+
+
+@fastcall.raw_host_call
+def raw_get_header_map_value(env: bool, caller: bool, a: int, n: bool) -> int:
+    """`proxy_get_header_map_value` as one callback frame: the hot path for request/response headers of the
+    current stream, falling back to `proxy_get_header_map_value` for anything else."""
+    try:
+        st = _SLOT.state
+        mtype, kptr, klen, vpp, vlp = _unpack5(_ARGS, a)
+        s = st.current
+        mem = st.memory
+        view = mem.view
+        lv = len(view)
+        if s is None or mtype & ~2 or kptr + klen > lv or vpp > lv - 4 or vlp > lv - 4:
+            _put(_ARGS, a, _get_value(st, mtype, kptr, klen, vpp, vlp, NOT_FOUND))
+            return 0
+        key = str(view[kptr : kptr + klen], "latin-1").lower()
+        value = None
+        for k, v in s.response_headers if mtype else s.request_headers:
+            if k == key:
+                value = v if value is None else f"{value},{v}"
+        if value is None:
+            _put(_ARGS, a, NOT_FOUND)
+            return 0
+        data = value.encode("latin-1")
+        size = len(data)
+        if size == 0:
+            _put(_ARGS, a, OK if mem.return_bytes(data, vpp, vlp) else INVALID_MEMORY_ACCESS)
+            return 0
+        ptr = mem.allocate_raw(size)
+        view = mem.view
+        if ptr == 0 or (ptr + size > len(view) and not mem.fits(ptr + size)):
+            _put(_ARGS, a, INVALID_MEMORY_ACCESS)
+            return 0
+        view = mem.view
+        view[ptr : ptr + size] = data
+        _pack_u32(view, vpp, ptr)
+        _pack_u32(view, vlp, size)
+        _put(_ARGS, a, OK)
+        return 0
+    except BaseException as exc:
+        return fastcall.host_call_failed(exc, a, INTERNAL_FAILURE, "env.proxy_get_header_map_value")
+
+
+@fastcall.raw_host_call
+def raw_add_header_map_value(env: bool, caller: bool, a: int, n: bool) -> int:
+    """`proxy_add_header_map_value` as one callback frame (request/response headers of the current stream;
+    anything else goes to `proxy_add_header_map_value`)."""
+    try:
+        st = _SLOT.state
+        mtype, kptr, klen, vptr, vlen = _unpack5(_ARGS, a)
+        s = st.current
+        view = st.memory.view
+        lv = len(view)
+        if s is None or mtype & ~2 or kptr + klen > lv or vptr + vlen > lv:
+            _put(_ARGS, a, proxy_add_header_map_value(st, mtype, kptr, klen, vptr, vlen))
+            return 0
+        k = str(view[kptr : kptr + klen], "latin-1").lower()
+        v = str(view[vptr : vptr + vlen], "latin-1")
+        if (k not in _VALID_NAMES or not v.isprintable()) and (err := header_error(k, v)) is not None:
+            _put(_ARGS, a, _protocol_error(st, err))
+            return 0
+        (s.response_headers if mtype else s.request_headers).append((k, v))
+        _put(_ARGS, a, OK)
+        return 0
+    except BaseException as exc:
+        return fastcall.host_call_failed(exc, a, INTERNAL_FAILURE, "env.proxy_add_header_map_value")
+
+
 def _read_kv(st: HostState, kptr: int, klen: int, vptr: int, vlen: int) -> tuple[str, str] | None:
-    assert st.memory is not None
-    k = st.memory.read(kptr, klen)
-    v = st.memory.read(vptr, vlen)
+    mem = st.memory
+    assert mem is not None
+    k = mem.read_latin1(kptr, klen)
+    v = mem.read_latin1(vptr, vlen)
     if k is None or v is None:
         return None
-    return k.decode("latin-1").lower(), v.decode("latin-1")
+    return k.lower(), v
 
 
 def proxy_add_header_map_value(st: HostState, mtype: int, kptr: int, klen: int, vptr: int, vlen: int) -> int:
@@ -322,8 +424,15 @@ def proxy_add_header_map_value(st: HostState, mtype: int, kptr: int, klen: int, 
     err = header_error(*kv)
     if err is not None:
         return _protocol_error(st, err)
+    s = st.current
+    if mtype == 2 and s is not None:
+        s.response_headers.append(kv)
+        return OK
+    if mtype == 0 and s is not None:
+        s.request_headers.append(kv)
+        return OK
     headers = _map_of(st, mtype)
-    if headers is None or mtype > MapType.RESPONSE_TRAILERS:
+    if headers is None or mtype > _MAP_RESPONSE_TRAILERS:
         return BAD_ARGUMENT
     headers.append(kv)
     return OK
@@ -339,7 +448,7 @@ def proxy_replace_header_map_value(
     if err is not None:
         return _protocol_error(st, err)
     headers = _map_of(st, mtype)
-    if headers is None or mtype > MapType.RESPONSE_TRAILERS:
+    if headers is None or mtype > _MAP_RESPONSE_TRAILERS:
         return BAD_ARGUMENT
     key = kv[0]
     for i, (k, _) in enumerate(headers):
@@ -356,7 +465,7 @@ def proxy_remove_header_map_value(st: HostState, mtype: int, kptr: int, klen: in
     if key is None:
         return INVALID_MEMORY_ACCESS
     headers = _map_of(st, mtype)
-    if headers is None or mtype > MapType.RESPONSE_TRAILERS:
+    if headers is None or mtype > _MAP_RESPONSE_TRAILERS:
         return BAD_ARGUMENT
     headers[:] = [h for h in headers if h[0] != key]
     return OK
@@ -369,30 +478,33 @@ def proxy_continue_stream(st: HostState, stype: int) -> int:
     s = st.current
     if s is None:
         return NOT_FOUND
-    if stype == StreamType.HTTP_REQUEST:
+    if stype == _STREAM_HTTP_REQUEST:
         s.continue_request = True
-    elif stype == StreamType.HTTP_RESPONSE:
+        st.attention = True
+    elif stype == _STREAM_HTTP_RESPONSE:
         s.continue_response = True
+        st.attention = True
     else:
         return BAD_ARGUMENT
     return OK
 
 
 def proxy_continue_request(st: HostState) -> int:
-    return proxy_continue_stream(st, StreamType.HTTP_REQUEST)
+    return proxy_continue_stream(st, _STREAM_HTTP_REQUEST)
 
 
 def proxy_continue_response(st: HostState) -> int:
-    return proxy_continue_stream(st, StreamType.HTTP_RESPONSE)
+    return proxy_continue_stream(st, _STREAM_HTTP_RESPONSE)
 
 
 def proxy_close_stream(st: HostState, stype: int) -> int:
     s = st.current
     if s is None:
         return NOT_FOUND
-    if stype > StreamType.UPSTREAM:
+    if stype > _STREAM_UPSTREAM:
         return BAD_ARGUMENT
     s.closed = True
+    st.attention = True
     return OK
 
 
@@ -430,6 +542,7 @@ def proxy_send_local_response(
         return NOT_FOUND
     grpc_status = grpc if grpc < 0x80000000 else grpc - 0x100000000
     s.local_response = LocalResponse(status, headers, body, details.decode("utf-8", "replace"), grpc_status)
+    st.attention = True
     return OK
 
 
@@ -486,6 +599,7 @@ def proxy_http_call(
         timeout_ms=timeout_ms,
     )
     st.pending_http_calls.append(PendingHttpCall(token, request, st.current_id))
+    st.attention = True
     return OK
 
 
@@ -530,7 +644,7 @@ def proxy_register_shared_queue(st: HostState, nptr: int, nlen: int, token_ptr: 
     name = mem.read(nptr, nlen)
     if name is None:
         return INVALID_MEMORY_ACCESS
-    cb = st.on_queue_ready or (lambda token: None)
+    cb = st.services.on_queue_ready or (lambda token: None)
     token = st.services.shared.queues.register(
         st.services.vm_id, name.decode("utf-8", "replace"), st.owner, cb
     )
@@ -687,8 +801,8 @@ _COMMON: Final[dict[str, HostFunction]] = {
     "proxy_get_header_map_pairs": (_i(3), _R, proxy_get_header_map_pairs),
     "proxy_set_header_map_pairs": (_i(3), _R, proxy_set_header_map_pairs),
     "proxy_get_header_map_size": (_i(2), _R, proxy_get_header_map_size),
-    "proxy_get_header_map_value": (_i(5), _R, proxy_get_header_map_value),
-    "proxy_add_header_map_value": (_i(5), _R, proxy_add_header_map_value),
+    "proxy_get_header_map_value": (_i(5), _R, raw_get_header_map_value),
+    "proxy_add_header_map_value": (_i(5), _R, raw_add_header_map_value),
     "proxy_replace_header_map_value": (_i(5), _R, proxy_replace_header_map_value),
     "proxy_remove_header_map_value": (_i(3), _R, proxy_remove_header_map_value),
     "proxy_get_status": (_i(3), _R, proxy_get_status),

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from ..exceptions import FilterPoolTimeout
 from .instance import FilterInstance, FilterModule, InstanceState
@@ -22,6 +23,11 @@ from .instance import FilterInstance, FilterModule, InstanceState
 __all__ = ["InstancePool", "PoolSettings", "PoolState", "PoolStats"]
 
 _log = logging.getLogger("wasm_gateway.runtime")
+
+# Enum members as module constants: attribute access on an Enum class costs ~150 ns on the hot path.
+_READY: Final = InstanceState.READY
+_BUSY: Final = InstanceState.BUSY
+_monotonic: Final = time.monotonic
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,24 @@ class PoolState(enum.Enum):
     CLOSED = "closed"
 
 
+_CLOSED: Final = PoolState.CLOSED
+
+
 class InstancePool:
+    __slots__ = (
+        "_all",
+        "_idle",
+        "_on_created",
+        "_recycle_after",
+        "_waiters",
+        "created",
+        "discarded",
+        "module",
+        "name",
+        "settings",
+        "state",
+    )
+
     def __init__(
         self,
         module: FilterModule,
@@ -64,6 +87,7 @@ class InstancePool:
         self._all: set[FilterInstance] = set()
         self._waiters: collections.deque[asyncio.Future[FilterInstance]] = collections.deque()
         self._on_created = on_created
+        self._recycle_after = settings.recycle_after
         self.created = 0
         self.discarded = 0
 
@@ -86,18 +110,18 @@ class InstancePool:
 
     def try_borrow(self) -> FilterInstance | None:
         """A READY instance now (idle, or newly created below max_size), else None. Never waits."""
-        if self.state is PoolState.CLOSED:
-            raise FilterPoolTimeout(f"filter {self.name!r}: pool is closed", self.name)
         idle = self._idle
         while idle:
             inst = idle.pop()  # LIFO: the most recently used instance is the warmest
-            if inst.state is InstanceState.READY:
-                inst.state = InstanceState.BUSY
+            if inst.state is _READY:
+                inst.state = _BUSY
                 return inst
             self._discard(inst)
+        if self.state is _CLOSED:
+            raise FilterPoolTimeout(f"filter {self.name!r}: pool is closed", self.name)
         if len(self._all) < self.settings.max_size:
             inst = self._new()
-            inst.state = InstanceState.BUSY
+            inst.state = _BUSY
             return inst
         return None
 
@@ -132,22 +156,23 @@ class InstancePool:
     def give_back(self, inst: FilterInstance) -> None:
         """Return a borrowed instance; broken, recycled or surplus instances are closed here."""
         inst.requests += 1
-        inst.last_used = time.monotonic()
-        if inst.state is not InstanceState.BUSY or self.state is PoolState.CLOSED:
+        inst.last_used = _monotonic()
+        if inst.state is not _BUSY or self.state is _CLOSED:
             self._discard(inst)
             self._refill_for_waiter()
             return
-        recycle = self.settings.recycle_after
+        recycle = self._recycle_after
         if recycle and inst.requests >= recycle:
             self._discard(inst)
             self._refill_for_waiter()
             return
-        while self._waiters:
-            fut = self._waiters.popleft()
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
             if not fut.done():
                 fut.set_result(inst)  # stays BUSY: ownership moves to the waiter
                 return
-        inst.state = InstanceState.READY
+        inst.state = _READY
         self._idle.append(inst)
 
     def _refill_for_waiter(self) -> None:

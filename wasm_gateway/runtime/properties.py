@@ -112,8 +112,8 @@ def get_property(state: HostState, raw_path: bytes) -> bytes | None:
     except UnicodeDecodeError:
         return None
     stream = state.current
-    if stream is not None:
-        custom = stream.properties.get(b"\0".join(parts))
+    if stream is not None and stream._properties:
+        custom = stream._properties.get(b"\0".join(parts))
         if custom is not None:
             return custom
     dotted = ".".join(segs)

@@ -8,9 +8,13 @@ import logging
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .abi import AbiVersion, LogLevel
 from .shared import LocalSharedData, LocalSharedQueues, MetricsRegistry, SharedDataStore, SharedQueueStore
+
+if TYPE_CHECKING:
+    from .wasi import Preopen
 
 __all__ = ["FOREIGN_FUNCTIONS", "FilterServices", "ForeignFunction", "SharedServices"]
 
@@ -101,4 +105,9 @@ class FilterServices:
     foreign_functions: Mapping[str, ForeignFunction] = field(default_factory=lambda: dict(FOREIGN_FUNCTIONS))
     env: Mapping[str, str] = field(default_factory=dict)
     allowed_dirs: Sequence[str] = ()
+    # allowed_dirs resolved (filled when the module is linked): WASI's preopened directories
+    preopens: tuple[Preopen, ...] = ()
+    # Called (with the queue token) when an item is enqueued to a queue this filter registered; the runtime
+    # delivers proxy_on_queue_ready from it later, outside any guest call.
+    on_queue_ready: Callable[[int], None] | None = None
     upstreams: frozenset[str] | None = None  # http_call targets allowed (None: any name; the gateway decides)
