@@ -79,14 +79,23 @@ def rss_kb() -> int:
     return 0
 
 
-def fmt(label: str, value: float, unit: str, target: str) -> None:
+RESULTS: dict[str, dict[str, float]] = {}
+"""With --json: {key: {"median_<unit>": value}}, keys named for the harness's target matching."""
+
+
+def fmt(label: str, value: float, unit: str, target: str, key: str | None = None) -> None:
     print(f"{label:<58} {value:>10.2f} {unit:<6} (target {target})")
+    if key is not None:
+        RESULTS[key] = {f"median_{unit.lower()}": value}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
+    ap.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
     args = ap.parse_args()
+    if args.json:
+        sys.stdout = sys.stderr  # the human-readable lines go to stderr, the JSON alone to stdout
     scale = 0.1 if args.quick else 1.0
     tmp = Path(tempfile.mkdtemp(prefix="wg-bench-"))
     wasm_path = tmp / "headers.wasm"
@@ -118,7 +127,7 @@ def main() -> None:
         for _ in range(n):
             add_call(1, 2)
         samples.append((time.perf_counter() - t0) / n * 1e6)
-    fmt("guest call (GuestFunc, 2 args, 1 result)", statistics.median(samples), "us", "<= 2 us")
+    fmt("guest call (GuestFunc, 2 args, 1 result)", statistics.median(samples), "us", "<= 2 us", "guest_call")
 
     # host call: a Wasm loop calling an unchecked host function (minus the loop's own cost, negligible)
     fastcall.HOST_STATE.state = inst.host
@@ -133,6 +142,7 @@ def main() -> None:
         statistics.median(samples),
         "us",
         "<= 1 us",
+        "host_call",
     )
     pool.give_back(inst)
 
@@ -175,6 +185,7 @@ def main() -> None:
         statistics.median(samples),
         "us",
         "<= 15 us",
+        "filter_per_request",
     )
     fmt("  same, best / worst round median", round_medians[0], "us", f"- / {round_medians[-1]:.2f} us")
     fmt("  same, p99", sorted(samples)[int(len(samples) * 0.99)], "us", "-")
@@ -191,7 +202,7 @@ def main() -> None:
         return out
 
     samples = asyncio.run(borrow(int(100_000 * scale)))
-    fmt("pool borrow (await pool.borrow(), warm)", statistics.median(samples), "us", "<= 5 us")
+    fmt("pool borrow (await pool.borrow(), warm)", statistics.median(samples), "us", "<= 5 us", "pool_borrow")
 
     # cold start: deserialise (cache) + instantiate + start/configure
     engine = get_engine()
@@ -220,6 +231,7 @@ def main() -> None:
         statistics.median(r[0] + r[2] for r in runs),
         "ms",
         "<= 0.5 ms",
+        "cold_start_precompiled_cache_total",
     )
     fmt(
         "cold start from cache: total incl. linking (median)",
@@ -238,11 +250,21 @@ def main() -> None:
     insts = [pool.try_borrow() for _ in range(1000)]
     gc.collect()
     after = rss_kb()
-    fmt("RSS per pooled instance (1,000 instances)", (after - before) / 1000, "KB", "<= 256 KB")
+    fmt(
+        "RSS per pooled instance (1,000 instances)",
+        (after - before) / 1000,
+        "KB",
+        "<= 256 KB",
+        "memory_per_instance_rss_1000",
+    )
     for i in insts:
         assert i is not None
         pool.give_back(i)
     rt.close()
+    if args.json:
+        import json
+
+        sys.__stdout__.write(json.dumps(RESULTS) + "\n")
 
 
 if __name__ == "__main__":

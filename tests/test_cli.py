@@ -160,6 +160,14 @@ def test_check_loads_filter_modules(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"{config}: filters.f:" in result.stderr and "refuses.wasm" in result.stderr
     assert "Traceback" not in result.stderr
+    # A bundled filter's own explanation of a bad configuration reaches the message, once.
+    config.write_text(
+        '[filters.f]\nmodule = "builtin:transform"\nconfiguration = { request = { headers = { sett = {} } } }\n'
+        + base
+    )
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 1
+    assert result.stderr.count('unknown field "sett"') == 1, result.stderr
 
 
 def test_compile_precompiles_a_module(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -165,6 +166,9 @@ class Gateway:
             self._metrics_server = await _start_metrics_server(
                 self.config.server.host, self.config.metrics.port
             )
+        # Start-up objects (modules, pools, config) live as long as the process: keep them out of the
+        # collector's generations so its pauses stay short on the request path.
+        gc.freeze()
         self.state = Lifecycle.READY
 
     def _load_filters(self) -> None:
@@ -182,6 +186,8 @@ class Gateway:
                 observer=observer,
                 shared=SharedServices(shared_data=state.shared_data, queues=state.queues),
                 max_buffer_bytes=max(f.max_body_bytes for f in config.filters.values()),
+                # A Prometheus observe costs ~2 us, a filter callback a few: time one request in eight.
+                callback_timing_every=8,
             )
         except BaseException:
             state.close()

@@ -63,12 +63,19 @@ def check_filters(config: GatewayConfig) -> list[str]:
     problems = []
     for spec in filter_specs(config):
         try:
-            runtime = FilterRuntime.load([spec], cache_dir=config.cache_dir, preload=False)
+            # The filter's own log lines are part of the error message: not printed a second time.
+            runtime = FilterRuntime.load(
+                [spec], cache_dir=config.cache_dir, preload=False, log_sink=_discard_log
+            )
         except FilterError as exc:
             problems.append(f"{config.source}: filters.{spec.name}: {exc}")
         else:
             runtime.close()
     return problems
+
+
+def _discard_log(filter_name: str, level: int, message: str) -> None:
+    pass
 
 
 def to_filter_request(

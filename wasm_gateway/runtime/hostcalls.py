@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Final
 
+from ..exceptions import StateError
 from . import fastcall
 from .abi import AbiVersion, BufferType, MapType, MetricType, StreamType
 from .context import Headers, HostState, HttpCallRequest, LocalResponse, PendingHttpCall, StreamContext
@@ -620,7 +621,10 @@ def proxy_get_shared_data(st: HostState, kptr: int, klen: int, vpp: int, vlp: in
     key = mem.read(kptr, klen)
     if key is None:
         return INVALID_MEMORY_ACCESS
-    entry = st.services.shared.shared_data.get(_shared_key(st, key))
+    try:
+        entry = st.services.shared.shared_data.get(_shared_key(st, key))
+    except StateError:
+        return INTERNAL_FAILURE  # the backend has logged (rate limited) and counted it
     if entry is None:
         return NOT_FOUND
     value, cas = entry
@@ -635,7 +639,10 @@ def proxy_set_shared_data(st: HostState, kptr: int, klen: int, vptr: int, vlen: 
     value = mem.read(vptr, vlen)
     if key is None or value is None:
         return INVALID_MEMORY_ACCESS
-    return int(st.services.shared.shared_data.set(_shared_key(st, key), value, cas))
+    try:
+        return int(st.services.shared.shared_data.set(_shared_key(st, key), value, cas))
+    except StateError:
+        return INTERNAL_FAILURE
 
 
 def proxy_register_shared_queue(st: HostState, nptr: int, nlen: int, token_ptr: int) -> int:

@@ -463,6 +463,11 @@ class FilterInstance:
             raise FilterTrapError(f"filter {self.name!r}: {callback}: proc_exit({code})", self.name) from None
         raise FilterTrapError(f"filter {self.name!r}: wasm trap in {callback}: {exc}", self.name) from None
 
+    def _reasons(self) -> str:
+        """The warning/error lines the filter logged during start-up, for a load error's message."""
+        lines = [message for level, message in self.host.logs or () if level >= 3]
+        return ": " + "; ".join(lines[-5:]) if lines else ""
+
     def _root(self) -> None:
         h = self.host
         h.current = None
@@ -476,6 +481,9 @@ class FilterInstance:
         svc = fm.services
         path = fm.path
         t0 = time.perf_counter()
+        collected = self.host.logs
+        if collected is None:
+            self.host.logs = []  # what the filter logs while starting explains a refusal
         try:
             self._root()
             funcs = self._funcs
@@ -492,15 +500,19 @@ class FilterInstance:
             self._root()
             ok = self.call("proxy_on_vm_start", ROOT_CONTEXT_ID, len(svc.vm_configuration))
             if ok == 0:
-                raise FilterLoadError(f"{path}: proxy_on_vm_start returned false", self.name)
+                raise FilterLoadError(f"{path}: proxy_on_vm_start returned false{self._reasons()}", self.name)
             self._root()
             ok = self.call("proxy_on_configure", ROOT_CONTEXT_ID, len(svc.configuration))
             if ok == 0:
                 raise FilterLoadError(
-                    f"{path}: proxy_on_configure returned false (configuration rejected)", self.name
+                    f"{path}: proxy_on_configure returned false (configuration rejected){self._reasons()}",
+                    self.name,
                 )
         except (FilterTrapError, FilterTimeoutError, FilterProtocolError) as exc:
-            raise FilterLoadError(f"{path}: start-up failed: {exc}", self.name) from None
+            raise FilterLoadError(f"{path}: start-up failed: {exc}{self._reasons()}", self.name) from None
+        finally:
+            if collected is None:
+                self.host.logs = None
         self.timings["start_configure"] = time.perf_counter() - t0
         self.state = InstanceState.READY
 

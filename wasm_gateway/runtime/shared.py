@@ -36,6 +36,10 @@ class SharedDataStore(Protocol):
         ...
 
 
+CAS_CREATE = 0xFFFFFFFF
+"""The cas that means "create if absent"; never handed out for a stored entry."""
+
+
 class LocalSharedData:
     """Process-local `SharedDataStore`; every write gets a new non-zero cas."""
 
@@ -49,12 +53,16 @@ class LocalSharedData:
 
     def set(self, key: bytes, value: bytes, cas: int) -> Status:
         with self._lock:
-            if cas:
-                current = self._data.get(key)
-                if current is None or current[1] != cas:
+            current = self._data.get(key)
+            if cas == CAS_CREATE:
+                # "Write only if absent": Envoy creates an absent key for any cas, and no stored entry ever
+                # carries this value, so creation is atomic (the state backends implement the same).
+                if current is not None:
                     return Status.CAS_MISMATCH
+            elif cas and (current is None or current[1] != cas):
+                return Status.CAS_MISMATCH
             new_cas = self._next_cas
-            self._next_cas = new_cas + 1 if new_cas < 0xFFFFFFFF else 1
+            self._next_cas = new_cas + 1 if new_cas < CAS_CREATE - 1 else 1
             self._data[key] = (bytes(value), new_cas)
         return Status.OK
 
