@@ -102,7 +102,9 @@ class UpstreamConfig:
 @dataclass(frozen=True)
 class FilterPoolConfig:
     min: int = 1
-    max: int = 16
+    max: int = 256
+    """An instance serves one request from its headers to its end, so ``max`` bounds the requests a filter can
+    have in flight (more wait up to ``borrow_timeout``); instances cost ~30 KB plus the module's memory."""
     idle_seconds: float = 60.0
     recycle_after: int = 10_000
     borrow_timeout: float = 1.0
