@@ -59,7 +59,7 @@ from .runtime.context import HttpCallRequest, HttpCallResponse, LocalResponse, R
 from .runtime.services import SharedServices
 from .state import SharedState, open_state
 from .types import ASGIApp, Headers, Message, Receive, Scope, Send
-from .upstream import BodySource, RequestBodyError, Target, UpstreamPool, UpstreamResponse, UpstreamSettings
+from .upstream import BodySource, RequestBodyError, UpstreamPool, UpstreamResponse, UpstreamSettings
 
 __all__ = ["Gateway", "WasmGateway", "create_app"]
 
@@ -394,9 +394,7 @@ class Gateway:
         headers: Headers = scope["headers"]
         policy = self._policies[upstream_name]
         peer = exchange.peer
-        request_id = request_id_for(headers, peer, policy)
-        exchange.request_id = request_id
-        exchange.client = client_address(peer, _xff(headers, peer, policy), policy)
+        request_id = exchange.identify(headers, policy)
         scheme = scope.get("scheme", "http")
         out_headers = upstream_request_headers(
             headers,
@@ -665,11 +663,7 @@ class Gateway:
     ) -> None:
         assert self.app is not None
         headers: Headers = scope["headers"]
-        request_id = request_id_for(headers, exchange.peer, self._policy)
-        exchange.request_id = request_id
-        exchange.client = client_address(
-            exchange.peer, _xff(headers, exchange.peer, self._policy), self._policy
-        )
+        request_id = exchange.identify(headers, self._policy)
         app_scope = dict(scope)
         app_scope["path"] = unquote(path)
         app_scope["raw_path"] = path.encode("ascii")
@@ -736,11 +730,7 @@ class Gateway:
         """An ``app = true`` route with filters: request phase, the wrapped app in-process, response phase."""
         assert self.app is not None
         headers: Headers = scope["headers"]
-        request_id = request_id_for(headers, exchange.peer, self._policy)
-        exchange.request_id = request_id
-        exchange.client = client_address(
-            exchange.peer, _xff(headers, exchange.peer, self._policy), self._policy
-        )
+        request_id = exchange.identify(headers, self._policy)
         query: bytes = scope.get("query_string", b"")
         target = path + "?" + query.decode("latin-1") if query else path
         app_headers = [
@@ -1183,6 +1173,13 @@ class _Exchange:
             gateway.metrics.rejected.labels(reason).inc()
         self.log()
 
+    def identify(self, headers: Headers, policy: ForwardingPolicy) -> bytes:
+        """Settle the request id and the client address (trusted-proxy aware); the request id."""
+        peer = self.peer
+        self.request_id = request_id = request_id_for(headers, peer, policy)
+        self.client = client_address(peer, _xff(headers, peer, policy), policy)
+        return request_id
+
     async def local(self, send: Send, response: LocalResponse) -> None:
         """Send a filter's local response (or its failure-policy 503)."""
         status, headers, body = local_response_parts(response)
@@ -1274,7 +1271,7 @@ class _LifespanBridge:
 def _settings(upstream: UpstreamConfig, connect: float, read: float) -> UpstreamSettings:
     return UpstreamSettings(
         name=upstream.name,
-        targets=tuple(Target(t.host, t.port, t.scheme) for t in upstream.targets),
+        targets=upstream.targets,
         max_connections_per_target=upstream.keepalive,
         max_idle_per_target=upstream.keepalive,
         connect_timeout=upstream.connect_timeout or connect,

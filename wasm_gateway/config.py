@@ -26,6 +26,7 @@ import orjson
 from .exceptions import ConfigError
 from .geo import BUILTIN_COUNTRY, GeoConfig
 from .state.config import StateConfig
+from .upstream.connection import Target
 
 __all__ = [
     "FilterConfig",
@@ -73,17 +74,6 @@ class ServerConfig:
     unmatched: Literal["404", "app"] | None = None
     """What a request matching no route gets: "404" (JSON), or "app" (the wrapped ASGI app). Default: the app
     when one is wrapped (middleware mode), else 404."""
-
-
-@dataclass(frozen=True)
-class Target:
-    host: str
-    port: int
-    scheme: str = "http"
-
-    @property
-    def authority(self) -> str:
-        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
-from .config import Target
 from .forwarding import HOP_BY_HOP
 from .types import Headers, Receive, Scope, Send
+from .upstream import Target
 
 __all__ = ["proxy_websocket"]
 
