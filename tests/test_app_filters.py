@@ -108,6 +108,32 @@ def test_filter_edits_reach_origin_and_client(origin: ThreadServer, guard_wasm: 
         assert header(data, "transfer-encoding") == ["chunked"]
 
 
+PASS_THROUGH = filter_wat(
+    """
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    i32.const 0)
+"""
+)
+
+
+@pytest.mark.parametrize("edits", [True, False], ids=["filter-edits-headers", "filter-passes-through"])
+def test_host_rewrite_applies_behind_filters(
+    origin: ThreadServer, guard_wasm: Path, tmp_path: Path, edits: bool
+) -> None:
+    # Filters see the client's Host as :authority; the upstream still gets the rewritten one (Envoy's order).
+    module = guard_wasm
+    if not edits:
+        module = tmp_path / "pass.wasm"
+        module.write_bytes(wasmtime.wat2wasm(PASS_THROUGH))
+    target = f'targets = ["127.0.0.1:{origin.port}"]'
+    config = guarded_config(origin.port, module).replace(target, target + '\nhost_header = "rewrite"')
+    with gateway_server(config, tmp_path) as gw:
+        data = echoed(httpx.get(gw.url + "/echo", headers={"Host": "site.example"}))
+        assert header(data, "host") == [f"127.0.0.1:{origin.port}"]
+        assert header(data, "x-forwarded-host") == ["site.example"]
+        assert bool(header(data, "x-filtered")) is edits
+
+
 def test_faulty_filter_under_load_fails_exactly_the_affected_requests(
     origin: ThreadServer, guard_wasm: Path, tmp_path: Path
 ) -> None:

@@ -427,6 +427,8 @@ class Gateway:
                         out_headers,
                         body_length,
                         chunked,
+                        upstream_headers=True,
+                        rewrite_host=policy.rewrite_host,
                     )
                     method, target, out_headers, body = request
             except _RequestEnded as ended:
@@ -586,13 +588,19 @@ class Gateway:
         headers: Headers,
         body_length: int | None,
         chunked: bool,
+        *,
+        upstream_headers: bool = False,
+        rewrite_host: bytes | None = None,
     ) -> tuple[str, str, Headers, BodySource]:
-        """Run the request phase; the request to forward. Raises _LocalAnswer when a filter answers."""
+        """Run the request phase; the request to forward. Raises _LocalAnswer when a filter answers.
+
+        ``upstream_headers``: ``headers`` are already those for the upstream (framing stripped), so when the
+        filters leave them as they were they are forwarded as they are. ``rewrite_host`` replaces the Host the
+        filters saw (the client's) unless a filter set ``:authority`` itself."""
         has_body = chunked or bool(body_length)
         small = body_length is not None and 0 < body_length <= _SMALL_BODY
-        d = await stream.on_request_headers(
-            to_filter_request(method, target, host, scheme, headers), not has_body
-        )
+        seen = to_filter_request(method, target, host, scheme, headers)
+        d = await stream.on_request_headers(seen, not has_body)
         released = _check(d)
         pre_body: list[bytes] = [d.body] if d.body else []
         complete = not has_body
@@ -619,9 +627,14 @@ class Gateway:
                         break
         if released is None:
             raise _LocalAnswer(_filter_error_response("filter kept the request paused"))
-        method, target, _, out_headers = from_filter_request(released)
-        if not method or not valid_target(target):
-            raise _LocalAnswer(_filter_error_response("filter produced an invalid :method or :path"))
+        if upstream_headers and released == seen:
+            out_headers = headers  # untouched by the filters (a list compare is far cheaper than re-encoding)
+        else:
+            method, target, authority, out_headers = from_filter_request(released)
+            if not method or not valid_target(target):
+                raise _LocalAnswer(_filter_error_response("filter produced an invalid :method or :path"))
+            if rewrite_host is not None and authority == host:
+                out_headers[0] = (b"host", rewrite_host)
         if complete:
             data = b"".join(pre_body)
             return method, target, out_headers, BodySource(data or None, len(data) if data else None)
@@ -649,6 +662,13 @@ class Gateway:
         if no_body:
             await relay.finish_empty()
             return
+        if relay.started and not filters.response_body:
+            # Headers-only filters: a small answer goes out in one body message, as on unfiltered routes.
+            whole = response.complete_body()
+            if whole is not None:
+                relay.sent = exchange.bytes_sent = len(whole)
+                await send({"type": "http.response.body", "body": whole})
+                return
         try:
             async for chunk in response.body():
                 if not await relay.body(chunk, False):
