@@ -272,18 +272,18 @@ def runtime_metrics() -> RuntimeMetricSet:
                 multiprocess_mode="livesum",
             ),
             filter_counter=Counter(
-                "wasm_gateway_filter_counter_total",
+                "wasm_gateway_filter_metric_total",
                 "Counters defined by filters (proxy_define_metric), by filter and metric name.",
                 ["filter", "name"],
             ),
             filter_gauge=Gauge(
-                "wasm_gateway_filter_gauge",
+                "wasm_gateway_filter_metric_value",
                 "Gauges defined by filters (proxy_define_metric), by filter and metric name.",
                 ["filter", "name"],
                 multiprocess_mode="livesum",
             ),
             filter_histogram=Histogram(
-                "wasm_gateway_filter_histogram",
+                "wasm_gateway_filter_metric_distribution",
                 "Histograms defined by filters (proxy_define_metric), by filter and metric name (raw units).",
                 ["filter", "name"],
                 buckets=(1, 5, 10, 50, 100, 500, 1000, 5000, 10000, 50000, 100000, 1000000),
