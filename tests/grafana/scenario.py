@@ -126,6 +126,7 @@ class Traffic:
     statuses: Counter[tuple[str, str]] = field(default_factory=Counter)  # (route, status class) -> requests
     request_bytes: int = 0
     not_found: int = 0
+    rounds: int = 0
 
 
 PROXY_GETS = 24
@@ -140,9 +141,11 @@ BROKEN = 4
 NOT_FOUND = 3
 
 
-def drive(port: int) -> Traffic:
-    """Light traffic over every route, a fresh connection per request so both workers take a share."""
-    traffic = Traffic()
+def drive(port: int, traffic: Traffic | None = None, *, first: bool = True) -> Traffic:
+    """Light traffic over every route, a fresh connection per request so both workers take a share.
+
+    Counts add up in ``traffic``; ``first`` is False for later rounds (the rate limit is used up by then)."""
+    traffic = traffic or Traffic()
     base = f"http://127.0.0.1:{port}"
 
     def send(route: str, method: str, path: str, expect: int, **kw: object) -> None:
@@ -162,7 +165,7 @@ def drive(port: int) -> Traffic:
     for _ in range(PRIVATE_DENIED):
         send("private", "GET", "/private/x", 401)
     for i in range(LIMITED):
-        send("limited", "GET", "/limited/x", 200 if i < RATE_LIMIT else 429)
+        send("limited", "GET", "/limited/x", 200 if first and i < RATE_LIMIT else 429)
     for _ in range(WASM_OK):
         send("wasm", "GET", "/wasm/x", 200)
     for _ in range(WASM_TRAPS):
@@ -170,6 +173,60 @@ def drive(port: int) -> Traffic:
     for _ in range(BROKEN):
         send("broken", "GET", "/broken/x", 502)
     for _ in range(NOT_FOUND):
-        send("", "GET", "/nowhere", 404)
+        send("-", "GET", "/nowhere", 404)
         traffic.not_found += 1
+    traffic.rounds += 1
     return traffic
+
+
+def expected_counts(traffic: Traffic) -> dict[str, float]:
+    """PromQL (each one series, summed over workers) -> the value the traffic sent must have produced."""
+    n = traffic.rounds
+    allowed = RATE_LIMIT  # the limit is per hour: only the first round's first requests pass
+    limited = LIMITED * n - allowed
+    upstream_answers = (PROXY_GETS + PROXY_POSTS + PRIVATE_OK + WASM_OK) * n + allowed
+    wasm_requests = (WASM_OK + WASM_TRAPS) * n
+    out: dict[str, float] = {
+        f'sum(wasm_gateway_request_duration_seconds_count{{route="{route}",status_class="{sc}"}})': float(
+            count
+        )
+        for (route, sc), count in traffic.statuses.items()
+    }
+    out["sum(wasm_gateway_request_duration_seconds_count)"] = float(sum(traffic.statuses.values()))
+    out['sum(wasm_gateway_request_bytes_total{route="proxy"})'] = float(traffic.request_bytes)
+    out['sum(wasm_gateway_rejected_requests_total{reason="no_route"})'] = float(traffic.not_found)
+    out["sum(wasm_gateway_rejected_requests_total)"] = float(traffic.not_found)
+    out['sum(wasm_gateway_upstream_duration_seconds_count{upstream="origin"})'] = float(upstream_answers)
+    out['sum(wasm_gateway_upstream_errors_total{upstream="dead",kind="connect"})'] = float(BROKEN * n)
+    out["sum(wasm_gateway_upstream_errors_total)"] = float(BROKEN * n)
+    outcomes = {
+        ("auth", "continue"): PRIVATE_OK * n,
+        ("auth", "local_response"): PRIVATE_DENIED * n,
+        ("limits", "continue"): allowed,
+        ("limits", "local_response"): limited,
+        ("counting", "continue"): WASM_OK * n,
+        ("counting", "failure"): WASM_TRAPS * n,
+    }
+    for (name, outcome), count in outcomes.items():
+        out[f'sum(wasm_gateway_filter_requests_total{{filter="{name}",outcome="{outcome}"}})'] = float(count)
+    out["sum(wasm_gateway_filter_requests_total)"] = float(sum(outcomes.values()))
+    out['sum(wasm_gateway_filter_local_responses_total{filter="auth",status="401"})'] = float(
+        PRIVATE_DENIED * n
+    )
+    out['sum(wasm_gateway_filter_local_responses_total{filter="limits",status="429"})'] = float(limited)
+    out["sum(wasm_gateway_filter_local_responses_total)"] = float(PRIVATE_DENIED * n + limited)
+    out['sum(wasm_gateway_filter_faults_total{filter="counting",kind="trap"})'] = float(WASM_TRAPS * n)
+    out["sum(wasm_gateway_filter_faults_total)"] = float(WASM_TRAPS * n)
+    out['sum(wasm_gateway_filter_policy_decisions_total{filter="counting",decision="fail_closed"})'] = float(
+        WASM_TRAPS * n
+    )
+    # Filter-defined metrics, each worker's counts added up.
+    out['sum(wasm_gateway_filter_metric_total{filter="counting",name="requests"})'] = float(wasm_requests)
+    out['sum(wasm_gateway_filter_metric_distribution_count{filter="counting",name="headers"})'] = float(
+        wasm_requests
+    )
+    out['min(wasm_gateway_upstream_healthy_targets{upstream="dead"})'] = 0.0
+    out['min(wasm_gateway_upstream_healthy_targets{upstream="origin"})'] = 1.0
+    out['max(wasm_gateway_upstream_targets{upstream="dead"})'] = 1.0
+    out["sum(wasm_gateway_requests_in_flight)"] = 0.0
+    return out
