@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import ROOT
 from tests.grafana.promql import (
     ALERTS,
     BUILTIN_VARIABLES,
@@ -184,3 +185,20 @@ def test_readme_describes_every_row(name: str) -> None:
     text = (GRAFANA / name).read_text()
     for row in ROWS:
         assert f"### {row}" in text, row
+
+
+def test_gateway_output_passes_promtool_check_metrics(exposition: str) -> None:
+    result = subprocess.run(
+        [tool("promtool"), "check", "metrics"], input=exposition, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_metrics_reference_documents_every_metric(exposition: str) -> None:
+    reference = (ROOT / "docs" / "metrics.md").read_text()
+    documented = set(re.findall(r"^\| `(wasm_gateway_\w+)` \|", reference, re.M))
+    families = re.findall(r"^# TYPE (wasm_gateway_\S+) (\S+)$", exposition, re.M)
+    # A single process also exports counters' and histograms' _created timestamps (not in multiprocess mode).
+    exported = {family for family, _ in families if not family.endswith("_created")}
+    assert exported - documented == set(), "exported but not in docs/metrics.md"
+    assert documented - exported - CACHE_METRICS == set(), "in docs/metrics.md but not exported"
