@@ -108,17 +108,9 @@ def gateway_metrics() -> GatewayMetrics:
     return _metrics
 
 
-def wasmtime_version() -> str:
-    """The installed wasmtime-py version (the package has no ``__version__``)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("wasmtime")
-    except PackageNotFoundError:  # pragma: no cover - a vendored copy
-        return "unknown"
-
-
 def _define(registry: CollectorRegistry) -> GatewayMetrics:
+    from .runtime.engine import WASMTIME_VERSION  # imports wasmtime: only when metrics are defined
+
     build_info = Gauge(
         "wasm_gateway_build_info",
         "Versions of the running gateway (value is always 1).",
@@ -126,7 +118,7 @@ def _define(registry: CollectorRegistry) -> GatewayMetrics:
         registry=registry,
         multiprocess_mode="max",
     )
-    build_info.labels(__version__, platform.python_version(), wasmtime_version()).set(1)
+    build_info.labels(__version__, platform.python_version(), WASMTIME_VERSION).set(1)
     return GatewayMetrics(
         request_duration=Histogram(
             "wasm_gateway_request_duration_seconds",
