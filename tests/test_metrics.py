@@ -55,19 +55,25 @@ def test_factory_workers_add_up_without_a_multiprocess_dir(
         for _ in range(20):
             with httpx.Client() as client:  # a fresh connection each: the kernel spreads them over workers
                 assert client.get(f"http://127.0.0.1:{port}/wasm/x").status_code == 200
-        # Every scrape, whichever worker answers it, reports both workers' requests; filter-defined counters
-        # reach Prometheus within a second of the request (each worker copies its own), so poll for those.
-        seen = set()
-        for _ in range(100):
+        # Every scrape, whichever worker answers it, reports both workers' requests. Counts reach the files
+        # just after each answer, and filter-defined counters within a second (each worker copies its own):
+        # wait for the totals once, then every further scrape (fresh connections: either worker) must agree.
+        request_labels = 'method="GET",route="wasm",status_class="2xx"'
+        counter_labels = 'filter="counting",name="requests"'
+
+        def scrape() -> tuple[float | None, float | None]:
             with httpx.Client() as client:
                 text = client.get(f"http://127.0.0.1:{port}/metrics").text
-            labels = 'method="GET",route="wasm",status_class="2xx"'
-            assert sample(text, "wasm_gateway_request_duration_seconds_count", labels) == 20.0
-            seen.add(sample(text, "wasm_gateway_filter_metric_total", 'filter="counting",name="requests"'))
-            if 20.0 in seen:
-                break
+            return (
+                sample(text, "wasm_gateway_request_duration_seconds_count", request_labels),
+                sample(text, "wasm_gateway_filter_metric_total", counter_labels),
+            )
+
+        deadline = time.monotonic() + 15
+        while scrape() != (20.0, 20.0):
+            assert time.monotonic() < deadline, scrape()
             time.sleep(0.1)
-        assert 20.0 in seen and max(v or 0 for v in seen) == 20.0, seen
+        assert [scrape() for _ in range(10)] == [(20.0, 20.0)] * 10
         # The workers shared one directory, named after their supervisor.
         assert [p.name for p in temp.iterdir()] == [f"wasm-gateway-metrics-{proc.pid}"]
     finally:

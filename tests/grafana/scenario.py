@@ -45,7 +45,11 @@ COUNTING_FILTER_IMPORTS = (
 
 def write_config(tmp_path: Path, *, port: int, origin_port: int, dead_port: int) -> Path:
     """Routes: proxy (plain), private (builtin:auth), limited (builtin:rate-limit, LMDB state so the limit
-    holds across workers), wasm (the counting/trapping WAT filter), broken (an upstream nobody listens on)."""
+    holds across workers), wasm (the counting/trapping WAT filter), broken (an upstream nobody listens on).
+
+    When the response cache (issue 6) is merged: add a cached route here, requests to it in `drive` (a miss,
+    then hits), their counts in `expected_counts` (wasm_gateway_cache_lookups_total by result), and empty
+    promql.CACHE_METRICS so the cache row's queries must return data too."""
     module = tmp_path / "counting.wasm"
     module.write_bytes(filter_module(COUNTING_FILTER_BODY, imports=COUNTING_FILTER_IMPORTS))
     key_hash = hashlib.sha256(API_KEY.encode()).hexdigest()
