@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -52,7 +52,16 @@ from .forwarding import (
 )
 from .geo import GeoDatabase
 from .logs import AccessLog, configure_logging
-from .metrics import CONTENT_TYPE_LATEST, exposition, gateway_metrics, state_error_counter
+from .metrics import (
+    CONTENT_TYPE_LATEST,
+    exposition,
+    gateway_metrics,
+    initialize_gateway_series,
+    initialize_runtime_series,
+    multiprocess_dir,
+    state_error_counter,
+    use_multiprocess_dir,
+)
 from .routing import PathRejected, RouteTable, canonicalize, normalize_host
 from .runtime.chain import ChainStream, Decision, DecisionKind, FilterChain, FilterRuntime
 from .runtime.context import HttpCallRequest, HttpCallResponse, LocalResponse, RequestInfo
@@ -138,6 +147,8 @@ class Gateway:
         self.geo: GeoDatabase | None = None
         self._route_filters: dict[str, _RouteFilters] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # What sync_metrics already copied into Prometheus (counters move by their delta).
+        self._metrics_seen: dict[object, int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -162,9 +173,13 @@ class Gateway:
                     await pool.close()
                 self.pools.clear()
                 raise
+        if self.metrics is not None:
+            initialize_gateway_series(self.metrics, self.config.upstreams)
+            self.sync_metrics()
+            self._tasks.append(asyncio.get_running_loop().create_task(self._sync_metrics_forever()))
         if self.config.metrics.enabled and self.config.metrics.port is not None:
             self._metrics_server = await _start_metrics_server(
-                self.config.server.host, self.config.metrics.port
+                self.config.server.host, self.config.metrics.port, self.sync_metrics
             )
         # Start-up objects (modules, pools, config) live as long as the process: keep them out of the
         # collector's generations so its pauses stay short on the request path.
@@ -176,7 +191,7 @@ class Gateway:
         config = self.config
         observer = RuntimeMetrics() if config.metrics.enabled else None
         self.state_store = state = open_state(
-            config.state, on_error=state_error_counter() if observer else None
+            config.state, on_error=state_error_counter(config.state.backend) if observer else None
         )
         try:
             runtime = FilterRuntime.load(
@@ -208,16 +223,37 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(runtime.run_background()))
         if observer is not None:
-            self._tasks.append(loop.create_task(self._sync_metrics_forever(runtime)))
+            initialize_runtime_series(runtime.pools)
 
     async def _filter_http_call(self, request: HttpCallRequest) -> HttpCallResponse:
         return await perform_http_call(self.pools, request)
 
-    async def _sync_metrics_forever(self, runtime: FilterRuntime) -> None:
-        state: dict[object, int] = {}
+    def sync_metrics(self) -> None:
+        """Copy what the runtime and the upstream pools count in plain ints into Prometheus (every second,
+        and before each exposition, so a scrape sees this worker's counts up to date)."""
+        metrics = self.metrics
+        if metrics is None:
+            return
+        seen = self._metrics_seen
+        if self.runtime is not None:
+            sync_runtime_metrics(self.runtime, seen)
+        for name, pool in self.pools.items():
+            targets, healthy, ejections = pool.health()
+            metrics.upstream_targets.labels(name).set(targets)
+            metrics.upstream_healthy_targets.labels(name).set(healthy)
+            key = ("ejections", name)
+            delta = ejections - seen.get(key, 0)
+            if delta > 0:
+                metrics.upstream_ejections.labels(name).inc(delta)
+                seen[key] = ejections
+
+    async def _sync_metrics_forever(self) -> None:
         while True:
-            sync_runtime_metrics(runtime, state)
             await asyncio.sleep(1.0)
+            try:
+                self.sync_metrics()
+            except Exception:  # metrics must never take the gateway down
+                logger.exception("copying metrics failed")
 
     async def shutdown(self) -> None:
         if self.state is Lifecycle.CLOSED:
@@ -943,6 +979,7 @@ class Gateway:
         await _send_json(send, 200 if ready else 503, body)
 
     async def _metrics_endpoint(self, send: Send) -> None:
+        self.sync_metrics()
         data = exposition()
         await send(
             {
@@ -1361,12 +1398,13 @@ async def _send_json(send: Send, status: int, data: object) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _start_metrics_server(host: str, port: int) -> asyncio.AbstractServer:
+async def _start_metrics_server(host: str, port: int, before: Callable[[], None]) -> asyncio.AbstractServer:
     """A minimal HTTP/1.0 responder for /metrics on its own port (kept off the proxy listener)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            before()
             data = exposition()
             writer.write(
                 b"HTTP/1.0 200 OK\r\ncontent-type: "
@@ -1405,4 +1443,29 @@ def create_app(config: GatewayConfig | str | os.PathLike[str] | None = None) -> 
     elif not isinstance(config, GatewayConfig):
         config = load_config(config)
     configure_logging(config.log)
+    if config.metrics.enabled:
+        _factory_metrics_dir()
     return Gateway(config)
+
+
+def _factory_metrics_dir() -> None:
+    """Metrics that add up when a server runs the factory in several worker processes.
+
+    ``wasm-gateway serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` before its workers start. Other servers
+    (``uvicorn --factory --workers N``, gunicorn) may not: a scrape would then see one worker's counts. A
+    worker of such a server (a multiprocessing child, or a gunicorn worker) without the variable shares
+    ``$TMPDIR/wasm-gateway-metrics-<supervisor pid>`` with its siblings.
+    """
+    import multiprocessing
+    import sys
+    import tempfile
+
+    path = multiprocess_dir()
+    if path is None:
+        if multiprocessing.parent_process() is None and "gunicorn" not in sys.modules:
+            return  # a single process: the in-memory registry is right
+        path = os.path.join(tempfile.gettempdir(), f"wasm-gateway-metrics-{os.getppid()}")
+    try:
+        use_multiprocess_dir(path)
+    except (OSError, RuntimeError) as exc:
+        logger.warning("metrics directory %s unusable (%s): each worker reports its own metrics", path, exc)

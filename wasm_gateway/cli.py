@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _version() -> int:
-    import wasmtime
+    from .runtime.engine import WASMTIME_VERSION  # wasmtime-py has no __version__
 
     print(f"wasm-gateway {__version__}")
     print(f"python {platform.python_version()}")
-    print(f"wasmtime {getattr(wasmtime, '__version__', 'unknown')}")
+    print(f"wasmtime {WASMTIME_VERSION}")
     return 0
 
 

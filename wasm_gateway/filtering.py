@@ -205,7 +205,8 @@ def module_exports(runtime: FilterRuntime, names: Sequence[str], export: str) ->
 
 
 def sync_runtime_metrics(runtime: FilterRuntime, seen: dict[object, int]) -> None:
-    """Copy pool gauges and filter-defined metrics into Prometheus (``seen`` carries state between calls)."""
+    """Copy pool gauges, per-filter request outcomes and filter-defined metrics into Prometheus (``seen``
+    carries what was already copied between calls: counters move by their delta)."""
     from .metrics import runtime_metrics
     from .runtime.abi import MetricType
 
@@ -215,6 +216,20 @@ def sync_runtime_metrics(runtime: FilterRuntime, seen: dict[object, int]) -> Non
         m.pool_instances.labels(name, "busy").set(stats.busy)
         m.pool_instances.labels(name, "idle").set(stats.idle)
         m.pool_waiting.labels(name).set(stats.waiting)
+        m.pool_max.labels(name).set(stats.max_size)
+        m.memory.labels(name).set(stats.memory_bytes)
+    for (name, outcome), count in list(runtime.outcomes.items()):
+        key: object = ("outcome", name, outcome)
+        delta = count - seen.get(key, 0)
+        if delta > 0:
+            m.requests.labels(name, outcome).inc(delta)
+            seen[key] = count
+    for (name, status), count in list(runtime.local_responses.items()):
+        key = ("local", name, status)
+        delta = count - seen.get(key, 0)
+        if delta > 0:
+            m.local_responses.labels(name, str(status)).inc(delta)
+            seen[key] = count
     for metric in runtime.shared.metrics.all():
         key = (metric.filter_name, metric.name, metric.type)
         if metric.type == MetricType.COUNTER:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +32,19 @@ __all__ = [
     "exposition",
     "gateway_metrics",
     "method_label",
+    "multiprocess_dir",
     "status_class",
+    "use_multiprocess_dir",
 ]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Bounded label values known in advance: their series start at 0, so a dashboard shows "none" rather than
+# "no data", and rate() sees the first increment.
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol", "body")
+FILTER_FAULT_KINDS = ("trap", "timeout", "pooltimeout", "protocol")
+POLICY_DECISIONS = ("fail_closed", "fail_open")
+STATE_ERROR_KINDS = ("timeout", "connection", "error", "unavailable")
+REJECT_REASONS = ("path", "host", "framing", "no_route", "method", "auth", "body_too_large")
 
 # Latency buckets for a gateway: sub-millisecond resolution at the low end (Envoy's histogram starts at 0.5 ms).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -60,6 +71,9 @@ class GatewayMetrics:
     response_bytes: Counter
     rejected: Counter
     build_info: Gauge
+    upstream_ejections: Counter
+    upstream_targets: Gauge
+    upstream_healthy_targets: Gauge
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_children", {})
@@ -95,7 +109,7 @@ def gateway_metrics() -> GatewayMetrics:
 
 
 def _define(registry: CollectorRegistry) -> GatewayMetrics:
-    import wasmtime  # imported here: its version is only needed for build info
+    from .runtime.engine import WASMTIME_VERSION  # imports wasmtime: only when metrics are defined
 
     build_info = Gauge(
         "wasm_gateway_build_info",
@@ -104,9 +118,7 @@ def _define(registry: CollectorRegistry) -> GatewayMetrics:
         registry=registry,
         multiprocess_mode="max",
     )
-    build_info.labels(
-        __version__, platform.python_version(), getattr(wasmtime, "__version__", "unknown")
-    ).set(1)
+    build_info.labels(__version__, platform.python_version(), WASMTIME_VERSION).set(1)
     return GatewayMetrics(
         request_duration=Histogram(
             "wasm_gateway_request_duration_seconds",
@@ -153,7 +165,37 @@ def _define(registry: CollectorRegistry) -> GatewayMetrics:
             registry=registry,
         ),
         build_info=build_info,
+        upstream_ejections=Counter(
+            "wasm_gateway_upstream_ejections_total",
+            "Times a target of the upstream was taken out of rotation after consecutive failures.",
+            ["upstream"],
+            registry=registry,
+        ),
+        upstream_targets=Gauge(
+            "wasm_gateway_upstream_targets",
+            "Targets configured for the upstream.",
+            ["upstream"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        ),
+        upstream_healthy_targets=Gauge(
+            "wasm_gateway_upstream_healthy_targets",
+            "Targets of the upstream in rotation (not ejected); with several workers the lowest any worker sees.",
+            ["upstream"],
+            registry=registry,
+            multiprocess_mode="livemin",
+        ),
     )
+
+
+def initialize_gateway_series(metrics: GatewayMetrics, upstreams: Iterable[str]) -> None:
+    """Create the known label combinations at 0 (see ``UPSTREAM_ERROR_KINDS``)."""
+    for reason in REJECT_REASONS:
+        metrics.rejected.labels(reason)
+    for upstream in upstreams:
+        for kind in UPSTREAM_ERROR_KINDS:
+            metrics.upstream_errors.labels(upstream, kind)
+        metrics.upstream_ejections.labels(upstream)
 
 
 # Wasm callbacks are microseconds; cold starts are (sub)milliseconds.
@@ -172,6 +214,10 @@ class RuntimeMetricSet:
     filter_counter: Counter
     filter_gauge: Gauge
     filter_histogram: Histogram
+    requests: Counter
+    local_responses: Counter
+    memory: Gauge
+    pool_max: Gauge
 
 
 _runtime: RuntimeMetricSet | None = None
@@ -218,31 +264,71 @@ def runtime_metrics() -> RuntimeMetricSet:
                 multiprocess_mode="livesum",
             ),
             filter_counter=Counter(
-                "wasm_gateway_filter_counter_total",
+                "wasm_gateway_filter_metric_total",
                 "Counters defined by filters (proxy_define_metric), by filter and metric name.",
                 ["filter", "name"],
             ),
             filter_gauge=Gauge(
-                "wasm_gateway_filter_gauge",
+                "wasm_gateway_filter_metric_value",
                 "Gauges defined by filters (proxy_define_metric), by filter and metric name.",
                 ["filter", "name"],
                 multiprocess_mode="livesum",
             ),
             filter_histogram=Histogram(
-                "wasm_gateway_filter_histogram",
+                "wasm_gateway_filter_metric_distribution",
                 "Histograms defined by filters (proxy_define_metric), by filter and metric name (raw units).",
                 ["filter", "name"],
                 buckets=(1, 5, 10, 50, 100, 500, 1000, 5000, 10000, 50000, 100000, 1000000),
+            ),
+            requests=Counter(
+                "wasm_gateway_filter_requests_total",
+                "Requests each filter handled, by what it did with them: continue (passed on), local_response "
+                "(answered itself: a denial, a rate limit, a direct answer), failure (its failure policy "
+                "decided), unfinished (the request ended while the filter held it).",
+                ["filter", "outcome"],
+            ),
+            local_responses=Counter(
+                "wasm_gateway_filter_local_responses_total",
+                "Local responses sent by filters (proxy_send_local_response), by filter and HTTP status "
+                "(401/403 from auth, 429 from rate limiting, ...).",
+                ["filter", "status"],
+            ),
+            memory=Gauge(
+                "wasm_gateway_filter_memory_bytes",
+                "Linear memory of the filter's pooled instances, summed over workers.",
+                ["filter"],
+                multiprocess_mode="livesum",
+            ),
+            pool_max=Gauge(
+                "wasm_gateway_filter_pool_max_instances",
+                "Configured pool ceiling (pool.max), summed over workers: busy / max is pool pressure.",
+                ["filter"],
+                multiprocess_mode="livesum",
             ),
         )
     return _runtime
 
 
+def initialize_runtime_series(filters: Iterable[str]) -> None:
+    """Create the known per-filter label combinations at 0."""
+    from .runtime.chain import OUTCOMES
+
+    m = runtime_metrics()
+    for name in filters:
+        for outcome in OUTCOMES:
+            m.requests.labels(name, outcome)
+        for kind in FILTER_FAULT_KINDS:
+            m.faults.labels(name, kind)
+        for decision in POLICY_DECISIONS:
+            m.policy.labels(name, decision)
+
+
 _state_errors: Counter | None = None
 
 
-def state_error_counter() -> Callable[[str, str], None]:
-    """The shared-state backends' error hook, counting into ``wasm_gateway_state_errors_total``."""
+def state_error_counter(backend: str) -> Callable[[str, str], None]:
+    """The shared-state backends' error hook, counting into ``wasm_gateway_state_errors_total``
+    (``backend``'s series start at 0)."""
     global _state_errors
     if _state_errors is None:
         _state_errors = Counter(
@@ -252,6 +338,8 @@ def state_error_counter() -> Callable[[str, str], None]:
             ["backend", "kind"],
         )
     counter = _state_errors
+    for kind in STATE_ERROR_KINDS:
+        counter.labels(backend, kind)
 
     def count(backend: str, kind: str) -> None:
         counter.labels(backend, kind).inc()
@@ -259,9 +347,54 @@ def state_error_counter() -> Callable[[str, str], None]:
     return count
 
 
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def use_multiprocess_dir(path: str) -> None:
+    """Switch this process to prometheus-client's multiprocess mode, writing into ``path``.
+
+    prometheus-client picks its value class from the environment when it is imported; metrics created after
+    this call (the gateway creates its own on first use) write to ``path``. Live gauges of processes that are
+    gone (``gauge_live*_<pid>.db`` with no such process) are removed so they stop counting.
+    """
+    from prometheus_client import values
+
+    if _metrics is not None or _runtime is not None or _state_errors is not None:
+        if values.ValueClass is not values.MutexValue:
+            return  # already writing to the directory (the variable was set before start-up)
+        raise RuntimeError("metrics already recorded in memory; set the multiprocess directory first")
+    os.makedirs(path, exist_ok=True)
+    os.environ[MULTIPROC_ENV] = path
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    _remove_dead_live_gauges(path)
+
+
+def _remove_dead_live_gauges(path: str) -> None:
+    from prometheus_client import multiprocess
+
+    for entry in os.scandir(path):
+        name = entry.name
+        if not (name.startswith("gauge_live") and name.endswith(".db")):
+            continue
+        pid_text = name[: -len(".db")].rsplit("_", 1)[-1]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            multiprocess.mark_process_dead(int(pid_text), path)  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def exposition() -> bytes:
     """The Prometheus text exposition for this process, or for every worker in multiprocess mode."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if os.environ.get(MULTIPROC_ENV):
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
