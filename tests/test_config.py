@@ -119,6 +119,15 @@ def test_every_error_is_reported_at_once() -> None:
     assert len(errors) == 3
 
 
+def test_a_broken_filter_or_upstream_is_reported_once_not_at_each_reference() -> None:
+    errors = errors_of(
+        BASE
+        + '[filters.f]\nmodule = "nope.wasm"\n[upstreams.bad]\ntargets = []\n'
+        + '[[routes]]\nname = "r"\nfilters = ["f"]\nupstream = "bad"\n'
+    )
+    assert [e.split(":")[1].strip() for e in errors] == ["upstreams.bad.targets", "filters.f.module"], errors
+
+
 def test_invalid_toml_names_file() -> None:
     errors = errors_of("[server\n")
     assert errors[0].startswith("gateway.toml: invalid TOML:")

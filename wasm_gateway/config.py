@@ -229,6 +229,7 @@ class _Validator:
         self.base_dir = base_dir
         self.env = env
         self.errors: list[str] = []
+        self.declared: dict[str, set[str]] = {"upstreams": set(), "filters": set()}
 
     # -- primitives -------------------------------------------------------------------------------------------
 
@@ -370,6 +371,11 @@ class _Validator:
         server = self.server(raw.get("server", {}))
         upstreams = self.upstreams(raw.get("upstreams", {}))
         filters = self.filters(raw.get("filters", {}))
+        # Names of tables that are declared but invalid: their own errors are reported, references are not.
+        self.declared = {
+            section: set(raw[section]) if isinstance(raw.get(section), dict) else set()
+            for section in ("upstreams", "filters")
+        }
         routes = self.routes(raw.get("routes", []), upstreams, filters)
         trusted = self.trusted_proxies(raw.get("trusted_proxies", []))
         metrics = self.metrics(raw.get("metrics", {}))
@@ -751,7 +757,11 @@ class _Validator:
             raise self.error(key, 'give either upstream = "name" or app = true, not both')
         if "upstream" in t:
             upstream = self.get(t, key, "upstream", self.string, None)
-            if upstream is not None and upstream not in upstreams:
+            if (
+                upstream is not None
+                and upstream not in upstreams
+                and upstream not in self.declared["upstreams"]
+            ):
                 known = ", ".join(sorted(upstreams)) or "none defined"
                 raise self.error(f"{key}.upstream", f'unknown upstream "{upstream}" (known: {known})')
         elif not is_app:
@@ -768,7 +778,7 @@ class _Validator:
                 )
         route_filters = self.get(t, key, "filters", self.string_list, _NO_STRINGS)
         for j, f in enumerate(route_filters):
-            if f not in filters:
+            if f not in filters and f not in self.declared["filters"]:
                 known = ", ".join(sorted(filters)) or "none defined"
                 self.error(f"{key}.filters[{j}]", f'unknown filter "{f}" (known: {known})')
         return RouteConfig(
