@@ -96,3 +96,40 @@ def test_live_gauges_of_gone_processes_are_removed(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"counter_{gone.pid}.db", f"counter_{os.getpid()}.db", f"gauge_livesum_{os.getpid()}.db"]
     )  # a gone worker's counts stay in the totals; its live gauges stop counting
+
+
+def test_hot_path_objects_flush_exactly_what_prometheus_client_would_record() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    values = [0.0, 0.0005, 0.0004999, 0.001, 0.003, 0.7, 10.0, 30.0, 31.0, 1e9]
+
+    def exposition(hot: bool) -> bytes:
+        registry = CollectorRegistry()
+        histogram = Histogram("h_seconds", "h", ["route"], buckets=metrics.LATENCY_BUCKETS, registry=registry)
+        counter = Counter("c_bytes", "c", ["route"], registry=registry)
+        gauge = Gauge("g", "g", registry=registry)
+        if hot:
+            h, c, g = (
+                metrics.HotHistogram(histogram.labels("r")),
+                metrics.HotCounter(counter.labels("r")),
+                metrics.HotGauge(gauge),
+            )
+            for v in values[:5]:
+                h.observe(v)
+            c.inc(7)
+            g.value += 3
+            h.flush(), c.flush(), g.flush()
+            for v in values[5:]:
+                h.observe(v)
+            c.inc(5)
+            g.value -= 1
+            h.flush(), c.flush(), g.flush()
+            h.flush(), c.flush()  # nothing new: adds nothing
+        else:
+            for v in values:
+                histogram.labels("r").observe(v)
+            counter.labels("r").inc(12)
+            gauge.set(2)
+        return b"\n".join(line for line in generate_latest(registry).splitlines() if b"_created" not in line)
+
+    assert exposition(hot=True) == exposition(hot=False)

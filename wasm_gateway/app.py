@@ -234,6 +234,7 @@ class Gateway:
         metrics = self.metrics
         if metrics is None:
             return
+        metrics.flush()
         seen = self._metrics_seen
         if self.runtime is not None:
             sync_runtime_metrics(self.runtime, seen)
@@ -397,7 +398,7 @@ class Gateway:
             return
         metrics = self.metrics
         if metrics is not None:
-            metrics.in_flight.inc()
+            metrics.requests_in_flight.value += 1
         try:
             filters = self._route_filters.get(route.name) if self._route_filters else None
             if route.upstream is None and filters is not None:
@@ -410,7 +411,7 @@ class Gateway:
                 await self._proxy(exchange, route, scope, receive, send, host, path, body_length, chunked)
         finally:
             if metrics is not None:
-                metrics.in_flight.dec()
+                metrics.requests_in_flight.value -= 1
 
     async def _proxy(
         self,
@@ -1260,9 +1261,9 @@ class _Exchange:
             status = self.status or 499
             metrics.request_child(self.route, self.method, status).observe(duration)
             if self.request_bytes:
-                metrics.request_bytes.labels(self.route).inc(self.request_bytes)
+                metrics.request_bytes_child(self.route).inc(self.request_bytes)
             if self.bytes_sent:
-                metrics.response_bytes.labels(self.route).inc(self.bytes_sent)
+                metrics.response_bytes_child(self.route).inc(self.bytes_sent)
         access_log = gateway.access_log
         if access_log is not None:
             access_log.record(

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import platform
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import (
@@ -74,27 +75,118 @@ class GatewayMetrics:
     upstream_ejections: Counter
     upstream_targets: Gauge
     upstream_healthy_targets: Gauge
+    requests_in_flight: HotGauge = field(init=False)  # the hot-path side of ``in_flight``
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_children", {})
         object.__setattr__(self, "_upstream_children", {})
+        object.__setattr__(self, "_request_bytes", {})
+        object.__setattr__(self, "_response_bytes", {})
+        object.__setattr__(self, "requests_in_flight", HotGauge(self.in_flight))
 
-    def upstream_child(self, upstream: str) -> Any:
-        children: dict[str, Any] = self._upstream_children  # type: ignore[attr-defined]
+    # Per-request metrics are counted in plain Python objects (no lock, no prometheus-client call) and added to
+    # the prometheus-client metrics by `flush`: every second and before each exposition (Gateway.sync_metrics).
+    # With several workers a scrape therefore sees the other workers' counts up to a second late.
+
+    def upstream_child(self, upstream: str) -> HotHistogram:
+        children: dict[str, HotHistogram] = self._upstream_children  # type: ignore[attr-defined]
         child = children.get(upstream)
         if child is None:
-            child = children[upstream] = self.upstream_duration.labels(upstream)
+            child = children[upstream] = HotHistogram(self.upstream_duration.labels(upstream))
         return child
 
-    def request_child(self, route: str, method: str, status: int) -> Any:
-        # labels() costs a lock and a dict lookup per call; cache the child per label tuple.
+    def request_child(self, route: str, method: str, status: int) -> HotHistogram:
         key = (route, method, status // 100)
-        children: dict[tuple[str, str, int], Any] = self._children  # type: ignore[attr-defined]
+        children: dict[tuple[str, str, int], HotHistogram] = self._children  # type: ignore[attr-defined]
         child = children.get(key)
         if child is None:
-            child = self.request_duration.labels(route, method_label(method), status_class(status))
-            children[key] = child
+            labels = self.request_duration.labels(route, method_label(method), status_class(status))
+            child = children[key] = HotHistogram(labels)
         return child
+
+    def request_bytes_child(self, route: str) -> HotCounter:
+        children: dict[str, HotCounter] = self._request_bytes  # type: ignore[attr-defined]
+        child = children.get(route)
+        if child is None:
+            child = children[route] = HotCounter(self.request_bytes.labels(route))
+        return child
+
+    def response_bytes_child(self, route: str) -> HotCounter:
+        children: dict[str, HotCounter] = self._response_bytes  # type: ignore[attr-defined]
+        child = children.get(route)
+        if child is None:
+            child = children[route] = HotCounter(self.response_bytes.labels(route))
+        return child
+
+    def flush(self) -> None:
+        """Add what the hot-path objects counted since the last flush to the prometheus-client metrics."""
+        for group in (self._children, self._upstream_children):  # type: ignore[attr-defined]
+            for histogram in list(group.values()):
+                histogram.flush()
+        for group in (self._request_bytes, self._response_bytes):  # type: ignore[attr-defined]
+            for counter in list(group.values()):
+                counter.flush()
+        self.requests_in_flight.flush()
+
+
+class HotHistogram:
+    """Observations for one prometheus-client histogram child, counted without locks until `flush`."""
+
+    __slots__ = ("_bounds", "_child", "_counts", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self._bounds: list[float] = list(child._upper_bounds)  # the last one is +Inf
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # prometheus-client's rule: the first bucket whose upper bound is >= the value.
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def flush(self) -> None:
+        counts = self._counts
+        if not any(counts):
+            return
+        self._counts = [0] * len(counts)
+        total, self._sum = self._sum, 0.0
+        buckets = self._child._buckets
+        for i, n in enumerate(counts):
+            if n:
+                buckets[i].inc(n)
+        self._child._sum.inc(total)
+
+
+class HotCounter:
+    """Increments for one prometheus-client counter child, added up without locks until `flush`."""
+
+    __slots__ = ("_child", "value")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self.value = 0
+
+    def inc(self, amount: int) -> None:
+        self.value += amount
+
+    def flush(self) -> None:
+        if self.value:
+            amount, self.value = self.value, 0
+            self._child.inc(amount)
+
+
+class HotGauge:
+    """A gauge kept as a plain int (inc/dec per request) and copied into prometheus-client by `flush`."""
+
+    __slots__ = ("_gauge", "value")
+
+    def __init__(self, gauge: Any) -> None:
+        self._gauge = gauge
+        self.value = 0
+
+    def flush(self) -> None:
+        self._gauge.set(self.value)
 
 
 _metrics: GatewayMetrics | None = None
