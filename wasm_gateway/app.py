@@ -965,7 +965,7 @@ class Gateway:
         ready = self.state is Lifecycle.READY
         generation = self.generation
         body: dict[str, Any] = {"status": "ready" if ready else self.state.value}
-        body["config"] = {"hash": generation.digest, "reload": self.last_reload}
+        body["config"] = {"hash": generation.digest, "reload": self.last_reload, "worker": os.getpid()}
         body["upstreams"] = {name: pool.stats() for name, pool in generation.pools.items()}
         await _send_json(send, 200 if ready else 503, body)
 
