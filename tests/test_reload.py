@@ -335,3 +335,31 @@ def test_sigterm_drains_then_finishes_every_accepted_request(
     assert load.failures() == [] and slow.failures() == []
     slow_done = [o for o in slow.outcomes if o.status == 200]
     assert slow_done and any(o.started < noticed for o in slow_done)
+
+
+def test_watch_config_reloads_when_the_file_or_a_module_changes(tmp_path: Path, origin: ThreadServer) -> None:
+    port = free_port()
+    pid_file = tmp_path / "gateway.pid"
+    module = tmp_path / "module.wasm"
+    module.write_bytes(module_version("a"))
+    config = tmp_path / "gateway.toml"
+    watch = "watch_config = true\nwatch_interval = 0.2"
+    config.write_text(config_text(port, origin.port, pid_file, "1", watch))
+    url = f"http://127.0.0.1:{port}/echo"
+
+    def versions_become(expected: tuple[str, str]) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            r = httpx.get(url, timeout=10)
+            assert r.status_code == 200
+            if (r.headers["x-module"], r.headers["x-config"]) == expected:
+                return
+            assert time.monotonic() < deadline, f"still {r.headers}"
+            time.sleep(0.1)
+
+    with Subprocess("serve", "--config", str(config), port=port):
+        versions_become(("a", "1"))
+        replace_file(config, config_text(port, origin.port, pid_file, "2", watch))
+        versions_become(("a", "2"))
+        replace_file(module, module_version("b"))  # the config file is unchanged: the module is watched too
+        versions_become(("b", "2"))
