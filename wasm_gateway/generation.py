@@ -31,7 +31,14 @@ from .runtime.services import SharedServices
 from .state import SharedState
 from .upstream import UpstreamPool, UpstreamSettings
 
-__all__ = ["Generation", "RouteFilters", "build_generation", "config_digest", "restart_only_changes"]
+__all__ = [
+    "Generation",
+    "RouteFilters",
+    "build_generation",
+    "check_app_routes",
+    "config_digest",
+    "restart_only_changes",
+]
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,15 @@ from .config import GatewayConfig, parse_config
 from .exceptions import ConfigError
 from .generation import config_digest
 
-__all__ = ["PROCESS_SIGNALS_ENV", "ProcessSignals", "module_paths", "read_config", "watch_files"]
+__all__ = [
+    "PROCESS_SIGNALS_ENV",
+    "ProcessSignals",
+    "digest_of",
+    "module_paths",
+    "read_config",
+    "sighup_blocked",
+    "watch_files",
+]
 
 logger = logging.getLogger("wasm_gateway")
 
