@@ -185,7 +185,13 @@ def running(request: pytest.FixtureRequest, tmp_path: Path, origin: ThreadServer
     (tmp_path / "module.wasm").write_bytes(module_version("a"))
     config.write_text(config_text(port, origin.port, pid_file, "1"))
     with Subprocess("serve", "--config", str(config), "--workers", str(request.param), port=port) as gw:
-        yield Running(gw, config, pid_file, port, origin.port, request.param)
+        try:
+            running = Running(gw, config, pid_file, port, origin.port, request.param)
+            running.worker_pids()  # every worker is serving (it would start from whatever is on disk)
+            yield running
+        finally:
+            gw.stop()
+            print(gw.output())  # shown when the test fails
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -265,13 +271,16 @@ def test_broken_reloads_fail_and_the_running_version_keeps_serving(running: Runn
             breaking()
             os.kill(pid, signal.SIGHUP)
             deadline = time.monotonic() + 30
+            failures = '{result="failure"}'
+            # Every worker has failed this step before the files are put back.
             while (
-                counter(running.metrics(), "wasm_gateway_config_reloads_total", '{result="failure"}') < step
+                counter(running.metrics(), "wasm_gateway_config_reloads_total", failures)
+                < step * running.workers
             ):
                 assert time.monotonic() < deadline, "the failed reload was not counted"
                 time.sleep(0.1)
             load.wait_for(20)
-            module.write_bytes(module_version("a"))
+            replace_file(module, module_version("a"))
             running.write_config("1")
     assert load.failures() == []
     assert {o.versions for o in load.outcomes} == {("a", "1")}
