@@ -316,10 +316,10 @@ def test_sigterm_drains_then_finishes_every_accepted_request(
     (tmp_path / "module.wasm").write_bytes(module_version("a"))
     config = tmp_path / "gateway.toml"
     text = config_text(port, origin.port, pid_file, "1")
-    config.write_text(text.replace("graceful_shutdown = 20", "graceful_shutdown = 20\ndrain_delay = 2"))
+    config.write_text(text.replace("graceful_shutdown = 20", "graceful_shutdown = 20\ndrain_delay = 3"))
     with Subprocess("serve", "--config", str(config), "--workers", str(workers), port=port) as gw:
         assert gw.proc is not None
-        with Load(port, clients=4) as load, Load(port, clients=2, path="/slow?s=3") as slow:
+        with Load(port, clients=4) as load, Load(port, clients=2, path="/slow?s=4") as slow:
             load.wait_for(40)
             wait_for_slow_requests(2)
             gw.proc.send_signal(signal.SIGTERM)
