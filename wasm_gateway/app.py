@@ -404,7 +404,8 @@ class Gateway:
         metrics = self.metrics
         if metrics is not None:
             metrics.in_flight.inc()
-        generation.active += 1  # no await since the generation was read: a reload cannot retire it before
+        # Nothing was awaited since the generation was read, so a reload cannot have retired it yet.
+        generation.active += 1
         try:
             filters = generation.route_filters.get(route.name) if generation.route_filters else None
             if route.upstream is None and filters is not None:
