@@ -338,6 +338,7 @@ def test_sigterm_drains_then_finishes_every_accepted_request(
             # The listener still serves after readiness turned: requests sent now are answered.
             late = httpx.get(f"http://127.0.0.1:{port}/echo", headers={"connection": "close"}, timeout=10)
             assert late.status_code == 200
+            assert late.headers["connection"] == "close"  # keep-alive clients are asked to go elsewhere
             load.stop_sending.set()
             slow.stop_sending.set()
         assert gw.proc.wait(30) == 0

@@ -300,8 +300,12 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            if self.state is not Lifecycle.READY and self.state is not Lifecycle.DRAINING:
-                await self._ensure_started()
+            state = self.state
+            if state is not Lifecycle.READY:
+                if state is Lifecycle.DRAINING:
+                    send = _closing_connection(send)
+                else:
+                    await self._ensure_started()
             await self._http(scope, receive, send)
         elif kind == "websocket":
             if self.state is Lifecycle.NEW:
@@ -1355,6 +1359,18 @@ async def _read_body(receive: Receive) -> bytes:
         if not message.get("more_body", False):
             break
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _closing_connection(send: Send) -> Send:
+    """While draining: every response asks the client to close its connection (and reconnect elsewhere)."""
+
+    async def closing_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [h for h in message.get("headers", ()) if h[0].lower() != b"connection"]
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        await send(message)
+
+    return closing_send
 
 
 async def _send_json(send: Send, status: int, data: object) -> None:
