@@ -342,6 +342,7 @@ def test_sigterm_drains_then_finishes_every_accepted_request(
             load.stop_sending.set()
             slow.stop_sending.set()
         assert gw.proc.wait(30) == 0
+    assert not pid_file.exists()  # removed at exit
     assert load.failures() == [] and slow.failures() == []
     slow_done = [o for o in slow.outcomes if o.status == 200]
     assert slow_done and any(o.started < noticed for o in slow_done)
