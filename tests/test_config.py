@@ -171,4 +171,22 @@ def test_builtin_filter_modules() -> None:
     config = parse_config('[filters.t]\nmodule = "builtin:transform"\n', env={}, source="g.toml")
     assert config.filters["t"].module.name == "transform.wasm" and config.filters["t"].module.is_file()
     errors = errors_of('[filters.t]\nmodule = "builtin:nope"\n')
-    assert errors[0].startswith("gateway.toml: filters.t.module: \"builtin:nope\": no bundled filter 'nope'")
+    assert errors[0].startswith('gateway.toml: filters.t.module: "builtin:nope": no bundled filter \'nope\'')
+
+
+def test_reload_and_drain_keys(tmp_path: Path) -> None:
+    (tmp_path / "g.toml").write_text(
+        '[server]\npid_file = "run/g.pid"\nwatch_config = true\nwatch_interval = 0.5\n'
+        "[server.timeouts]\ndrain_delay = 0\n"
+    )
+    config = load_config(tmp_path / "g.toml", env={})
+    assert config.server.pid_file == tmp_path / "run" / "g.pid"  # relative to the config file
+    assert (config.server.watch_config, config.server.watch_interval) == (True, 0.5)
+    assert config.server.timeouts.drain_delay == 0.0
+    assert parse_config("").server.timeouts.drain_delay == 0.0 and not parse_config("").server.watch_config
+    assert errors_of("[server.timeouts]\ndrain_delay = -1\n") == [
+        "gateway.toml: server.timeouts.drain_delay: -1 is out of range (expected a number of seconds >= 0)"
+    ]
+    assert errors_of("[server]\nwatch_config = 1\n") == [
+        "gateway.toml: server.watch_config: expected true or false, got 1"
+    ]

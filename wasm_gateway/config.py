@@ -55,6 +55,9 @@ class TimeoutsConfig:
     upstream_read: float = 60.0
     idle: float = 5.0
     graceful_shutdown: float = 30.0
+    drain_delay: float = 0.0
+    """On SIGTERM, /readyz answers 503 at once while the listener keeps serving this long (so load balancers
+    stop sending), then in-flight requests get ``graceful_shutdown`` to finish."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,11 @@ class ServerConfig:
     unmatched: Literal["404", "app"] | None = None
     """What a request matching no route gets: "404" (JSON), or "app" (the wrapped ASGI app). Default: the app
     when one is wrapped (middleware mode), else 404."""
+    pid_file: Path | None = None
+    """Written by ``wasm-gateway serve`` (the process that takes SIGHUP), read by ``wasm-gateway reload``."""
+    watch_config: bool = False
+    """Reload when the config file or a filter module changes (polled every ``watch_interval`` seconds)."""
+    watch_interval: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -311,6 +319,13 @@ class _Validator:
             raise self.error(key, f"{value} is out of range (expected a number of seconds > 0)")
         return float(value)
 
+    def seconds_or_zero(self, key: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"expected a number of seconds, got {_show(value)}")
+        if value < 0:
+            raise self.error(key, f"{value} is out of range (expected a number of seconds >= 0)")
+        return float(value)
+
     def choice(self, *options: str) -> Callable[[str, object], Any]:
         # Any: the caller's field is a Literal of exactly these options.
         def check(key: str, value: object) -> Any:
@@ -426,6 +441,9 @@ class _Validator:
                 "request_id_header",
                 "via",
                 "unmatched",
+                "pid_file",
+                "watch_config",
+                "watch_interval",
             },
         )
         host, port = d.host, d.port
@@ -456,6 +474,9 @@ class _Validator:
             request_id_header=header_name.lower(),
             via=self.get(t, "server", "via", self.string, d.via),
             unmatched=self.get(t, "server", "unmatched", self.choice("404", "app"), None),
+            pid_file=self.get(t, "server", "pid_file", lambda k, v: self.base_dir / self.string(k, v), None),
+            watch_config=self.get(t, "server", "watch_config", self.boolean, d.watch_config),
+            watch_interval=self.get(t, "server", "watch_interval", self.seconds, d.watch_interval),
         )
 
     def header_name(self, key: str, value: object) -> str:
@@ -470,9 +491,26 @@ class _Validator:
         except _Invalid:
             return TimeoutsConfig()
         d = TimeoutsConfig()
-        names = ("header_read", "body_read", "upstream_connect", "upstream_read", "idle", "graceful_shutdown")
+        names = (
+            "header_read",
+            "body_read",
+            "upstream_connect",
+            "upstream_read",
+            "idle",
+            "graceful_shutdown",
+            "drain_delay",
+        )
         self.unknown_keys("server.timeouts", t, set(names))
-        values = {n: self.get(t, "server.timeouts", n, self.seconds, getattr(d, n)) for n in names}
+        values = {
+            n: self.get(
+                t,
+                "server.timeouts",
+                n,
+                self.seconds_or_zero if n == "drain_delay" else self.seconds,
+                getattr(d, n),
+            )
+            for n in names
+        }
         return TimeoutsConfig(**values)
 
     def host_port(self, key: str, value: object) -> tuple[str, int]:

@@ -439,6 +439,41 @@ def state_error_counter(backend: str) -> Callable[[str, str], None]:
     return count
 
 
+@dataclass(frozen=True)
+class ReloadMetrics:
+    reloads: Counter
+    config_info: Gauge
+    last_reload_successful: Gauge
+
+
+_reload: ReloadMetrics | None = None
+
+
+def reload_metrics() -> ReloadMetrics:
+    """Config reload outcomes and the running config's hash (created on first use)."""
+    global _reload
+    if _reload is None:
+        _reload = ReloadMetrics(
+            reloads=Counter(
+                "wasm_gateway_config_reloads_total",
+                "Config reloads by result (success, failure); a failed reload leaves the running config serving.",
+                ["result"],
+            ),
+            config_info=Gauge(
+                "wasm_gateway_config_info",
+                "The running config's hash (value 1; 0 for a hash no longer served).",
+                ["hash"],
+                multiprocess_mode="livemax",
+            ),
+            last_reload_successful=Gauge(
+                "wasm_gateway_config_last_reload_successful",
+                "1 when the last reload (or the start-up load) succeeded, 0 after a failed reload.",
+                multiprocess_mode="livemin",
+            ),
+        )
+    return _reload
+
+
 def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
 
@@ -452,7 +487,7 @@ def use_multiprocess_dir(path: str) -> None:
     """
     from prometheus_client import values
 
-    if _metrics is not None or _runtime is not None or _state_errors is not None:
+    if _metrics is not None or _runtime is not None or _state_errors is not None or _reload is not None:
         if values.ValueClass is not values.MutexValue:
             return  # already writing to the directory (the variable was set before start-up)
         raise RuntimeError("metrics already recorded in memory; set the multiprocess directory first")
