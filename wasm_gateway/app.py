@@ -755,10 +755,16 @@ class Gateway:
         )
         no_body = exchange.method == "HEAD" or response.status in (204, 304) or response.status < 200
         relay = _ResponseRelay(exchange, send, stream, filters.response_body)
-        if not await relay.start(response.status, headers, no_body):
+        # A small answer arrives whole with its head: body filters then see it in one piece with end of
+        # stream (and the client gets its exact length instead of chunks).
+        whole = None if no_body or not filters.response_body else response.complete_body()
+        if not await relay.start(response.status, headers, no_body, defer=whole is not None):
             return
         if no_body:
             await relay.finish_empty()
+            return
+        if whole is not None:
+            await relay.body(whole, True)
             return
         if relay.started and not filters.response_body:
             # Headers-only filters: a small answer goes out in one body message, as on unfiltered routes.
