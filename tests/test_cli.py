@@ -120,9 +120,14 @@ def test_graceful_shutdown_finishes_in_flight_requests(tmp_path: Path, origin: T
         assert gw.proc.wait(20) == 0
 
 
-def test_metrics_add_up_across_two_workers(tmp_path: Path, origin: ThreadServer) -> None:
+@pytest.mark.parametrize("own_port", [False, True], ids=["on-the-listener", "on-its-own-port"])
+def test_metrics_add_up_across_two_workers(tmp_path: Path, origin: ThreadServer, own_port: bool) -> None:
     port = free_port()
     config = write_config(tmp_path, origin.port, server=f"port = {port}")
+    metrics_port = port
+    if own_port:  # every worker serves the metrics port (SO_REUSEPORT), each with the summed counts
+        metrics_port = free_port()
+        config.write_text(config.read_text() + f"[metrics]\nport = {metrics_port}\n")
     with Subprocess("serve", "--config", str(config), "--workers", "2", port=port):
         for i in range(40):
             # A fresh connection per request, so the kernel spreads them over both workers.
@@ -133,7 +138,7 @@ def test_metrics_add_up_across_two_workers(tmp_path: Path, origin: ThreadServer)
         deadline = time.monotonic() + 10
         while True:
             with httpx.Client() as c:
-                text = c.get(f"http://127.0.0.1:{port}/metrics").text
+                text = c.get(f"http://127.0.0.1:{metrics_port}/metrics").text
             counts = re.findall(
                 r'^wasm_gateway_request_duration_seconds_count\{method="GET",route="all",status_class="2xx"\} (\S+)$',
                 text,

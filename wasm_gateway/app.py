@@ -1483,7 +1483,8 @@ async def _start_metrics_server(host: str, port: int, before: Callable[[], None]
         finally:
             writer.close()
 
-    return await asyncio.start_server(handle, host, port)
+    # Workers of one server each serve the port (the kernel spreads scrapes; each answers with the sum).
+    return await asyncio.start_server(handle, host, port, reuse_port=multiprocess_dir() is not None)
 
 
 def WasmGateway(app: ASGIApp, config: GatewayConfig | str | os.PathLike[str]) -> Gateway:
