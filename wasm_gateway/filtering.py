@@ -4,8 +4,6 @@ filter-made outbound calls, and the Prometheus observer. Pure conversions; the r
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from itertools import chain
-from operator import itemgetter
 
 from .config import FilterConfig, GatewayConfig
 from .exceptions import FilterError, UpstreamError
@@ -30,41 +28,6 @@ FilterHeaders = list[tuple[str, str]]
 _HOP_OR_FRAMING = frozenset(
     {"content-length", "transfer-encoding", "connection", "keep-alive", "te", "upgrade"}
 )
-_DROP_FROM_FILTERS = frozenset(n.encode() for n in _HOP_OR_FRAMING) | {b"host"}
-_flat = chain.from_iterable
-_first = itemgetter(0)
-_PSEUDO_REQUEST = (":method", ":path", ":authority", ":scheme")  # as to_filter_request puts them
-
-# The conversions below run for every filtered request. Their fast paths turn a whole header list into one
-# string (one join, one decode or encode, one split: all in C) instead of converting pair by pair in Python;
-# NUL never occurs in a header, so a count mismatch (or anything unusual) falls back to the plain loop.
-
-
-def _pairs_as_str(headers: Headers) -> list[tuple[str, str]] | None:
-    parts = b"\0".join(_flat(headers)).decode("latin-1").split("\0")
-    if len(parts) != 2 * len(headers) or not headers:
-        return None
-    it = iter(parts)
-    return list(zip(it, it, strict=False))
-
-
-def _pairs_as_bytes(headers: FilterHeaders, skip: int) -> tuple[list[bytes], Headers] | None:
-    """(the first ``skip`` pairs flattened, the rest as byte pairs without those the gateway drops) when no
-    later name is a pseudo-header."""
-    parts = "\0".join(_flat(headers)).encode("latin-1").split(b"\0")
-    if len(parts) != 2 * len(headers) or len(headers) < skip:
-        return None
-    names = parts[2 * skip :: 2]
-    joined = b"\0".join(names)
-    if joined.startswith(b":") or b"\0:" in joined:
-        return None
-    it = iter(parts[2 * skip :])
-    pairs = list(zip(it, it, strict=False))
-    for name in _DROP_FROM_FILTERS.intersection(names):  # e.g. the upstream's Content-Length
-        while name in names:
-            i = names.index(name)
-            del names[i], pairs[i]
-    return parts[: 2 * skip], pairs
 
 
 def filter_specs(config: GatewayConfig) -> list[FilterSpec]:
@@ -125,25 +88,12 @@ def to_filter_request(
         (":authority", authority.decode("latin-1")),
         (":scheme", scheme),
     ]
-    pairs = _pairs_as_str(headers)
-    if pairs is None:
-        out += [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers if n != b"host"]
-        return out
-    names = list(map(_first, pairs))
-    while "host" in names:
-        i = names.index("host")
-        del names[i], pairs[i]
-    out += pairs
+    out += [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers if n != b"host"]
     return out
 
 
 def from_filter_request(headers: FilterHeaders) -> tuple[str, str, bytes, Headers]:
     """(method, target, authority, headers incl. host) from what the filters released."""
-    fast = _pairs_as_bytes(headers, 4) if tuple(map(_first, headers[:4])) == _PSEUDO_REQUEST else None
-    if fast is not None:
-        released = fast[1]
-        released.insert(0, (b"host", fast[0][5]))
-        return headers[0][1], headers[1][1], fast[0][5], released
     method = target = ""
     authority = ""
     out: Headers = []
@@ -165,19 +115,10 @@ def from_filter_request(headers: FilterHeaders) -> tuple[str, str, bytes, Header
 
 
 def to_filter_response(status: int, headers: Headers) -> FilterHeaders:
-    out = [(":status", str(status))]
-    pairs = _pairs_as_str(headers)
-    out += pairs if pairs is not None else [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
-    return out
+    return [(":status", str(status)), *((n.decode("latin-1"), v.decode("latin-1")) for n, v in headers)]
 
 
 def from_filter_response(headers: FilterHeaders, fallback_status: int) -> tuple[int, Headers]:
-    if headers and headers[0][0] == ":status":
-        value = headers[0][1]
-        if value.isdigit() and 100 <= int(value) <= 599:
-            fast = _pairs_as_bytes(headers, 1)
-            if fast is not None:
-                return int(value), fast[1]
     status = fallback_status
     out: Headers = []
     for name, value in headers:

@@ -361,15 +361,13 @@ def raw_get_header_map_value(env: bool, caller: bool, a: int, n: bool) -> int:
             _put(_ARGS, a, _get_value(st, mtype, kptr, klen, vpp, vlp, NOT_FOUND))
             return 0
         key = str(view[kptr : kptr + klen], "latin-1").lower()
-        headers = s.response_headers if mtype else s.request_headers
-        names = list(map(_name_of, headers))  # searched in C
-        if key not in names:
+        value = None
+        for k, v in s.response_headers if mtype else s.request_headers:
+            if k == key:
+                value = v if value is None else f"{value},{v}"
+        if value is None:
             _put(_ARGS, a, NOT_FOUND)
             return 0
-        if names.count(key) == 1:
-            value = headers[names.index(key)][1]
-        else:  # Envoy joins repeated headers with a comma
-            value = ",".join([v for k, v in headers if k == key])
         data = value.encode("latin-1")
         size = len(data)
         if size == 0:
