@@ -1,8 +1,5 @@
-"""Header conversions between the request path (bytes) and the filters' view (str, Envoy pseudo-headers).
-
-The conversions have a fast path (whole lists converted in C) and a plain per-pair fallback; both must give
-exactly what the per-pair rules below say, whatever the filters did to the list.
-"""
+"""Header conversions between the request path (bytes) and the filters' view (str, Envoy pseudo-headers):
+exactly what the per-pair rules below say, whatever the filters did to the list."""
 
 from __future__ import annotations
 
