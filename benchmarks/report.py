@@ -133,6 +133,7 @@ class MicroTarget:
     preferred: tuple[str, ...]  # regexes that make a matching key a better candidate
     unit: str  # "us" | "ms" | "kb"
     maximum: float
+    step: str = "micro_runtime"  # the micro-benchmark whose JSON holds the number
 
 
 MICRO_TARGETS = (
@@ -162,6 +163,23 @@ MICRO_TARGETS = (
         (r"rss", r"1000|1k"),
         "kb",
         256.0,
+    ),
+    *(
+        MicroTarget(
+            4,
+            f"{name} filter through the runtime <= 10 us/request",
+            rf"^per_request\.{key}\.median_us$",
+            (),
+            "us",
+            10.0,
+            "micro_filters",
+        )
+        for name, key in (
+            ("transform", "transform"),
+            ("geo", "geo"),
+            ("rate-limit (in-process)", "rate_limit"),
+            ("API-key auth", "api_key"),
+        )
     ),
 )
 
@@ -213,11 +231,11 @@ def find_micro_value(data: Any, target: MicroTarget) -> tuple[str, float] | None
 
 
 def micro_targets(results: JsonDict) -> list[TargetCheck]:
-    micro = results.get("micro", {}).get("micro_runtime")
     checks = []
     for target in MICRO_TARGETS:
+        micro = results.get("micro", {}).get(target.step)
         if not micro or micro.get("status") != "ok":
-            reason = "benchmarks/micro_runtime.py " + (
+            reason = f"benchmarks/{target.step}.py " + (
                 "not run" if not micro else f"{micro.get('status')} (see Micro-benchmarks)"
             )
             checks.append(TargetCheck(target.issue, target.target, "-", None, reason))

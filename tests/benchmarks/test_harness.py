@@ -237,6 +237,21 @@ def test_micro_targets_are_read_from_micro_runtime_json_with_units() -> None:
     assert _status_of(_fake_results({}, p99_ms=1.0), "guest call") == "not measured"
 
 
+def test_per_filter_targets_are_read_from_micro_filters_json() -> None:
+    results = _fake_results({}, p99_ms=1.0)
+    per_request = {
+        name: {"median_us": us, "p99_us": 2 * us, "outcome": "continue"}
+        for name, us in (("transform", 9.0), ("geo", 7.5), ("rate_limit", 19.0), ("api_key", 10.0))
+    }
+    per_request["rate_limit_no_headers"] = {"median_us": 1.0, "p99_us": 1.0, "outcome": "continue"}
+    assert _status_of(results, "transform filter through the runtime") == "not measured"
+    results["micro"]["micro_filters"] = {"status": "ok", "data": {"per_request": per_request, "jwt": {}}}
+    assert _status_of(results, "transform filter through the runtime") == "met"
+    assert _status_of(results, "geo filter through the runtime") == "met"
+    assert _status_of(results, "rate-limit (in-process) filter through the runtime") == "not met"
+    assert _status_of(results, "API-key auth filter through the runtime") == "met"  # <= 10 us
+
+
 def test_markdown_shows_the_command_machine_and_every_target() -> None:
     results = _fake_results({"gateway": 20_000, "bare_proxy": 10_000}, p99_ms=2.0)
     for entry in results["systems"].values():
