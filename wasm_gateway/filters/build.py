@@ -36,9 +36,9 @@ from ..exceptions import GatewayError
 from . import BUNDLED_FILTERS, FILTERS_DIR
 
 __all__ = [
+    "QUICKJS_SDIST",
     "ZIG_FLAGS",
     "ZIG_VERSION",
-    "QUICKJS_SDIST",
     "FilterBuildError",
     "build_all",
     "build_filter",
@@ -167,8 +167,19 @@ def quickjs_sdist() -> Path:
         if not path.is_file():
             cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(prefix="wasm-gateway-sdist-", dir=cache) as tmp:
-                cmd = [sys.executable, "-m", "pip", "download", f"{package}=={version}", "--no-binary", ":all:",
-                       "--no-deps", "--quiet", "-d", tmp]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    f"{package}=={version}",
+                    "--no-binary",
+                    ":all:",
+                    "--no-deps",
+                    "--quiet",
+                    "-d",
+                    tmp,
+                ]
                 result = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 fetched = Path(tmp) / path.name
                 if result.returncode != 0 or not fetched.is_file():

@@ -629,11 +629,6 @@
     async blob() { throw new TypeError("Blob is not supported in gateway filters; use arrayBuffer()"); }
   }
 
-  function bodyBytes(b) {
-    if (b === null || b === NOT_BUFFERED) return null;
-    return typeof b === "string" ? b : b;
-  }
-
   class Request extends Body {
     constructor(input, init = {}) {
       super();
@@ -888,9 +883,8 @@
     st.pseudo = pseudo;
     const scheme = pseudo[":scheme"] || "http";
     const authority = pseudo[":authority"] || headers.get("host") || "localhost";
-    let url;
-    try { url = new URL(`${scheme}://${authority}${pseudo[":path"] || "/"}`).href; }
-    catch { url = new URL(`${scheme}://localhost${pseudo[":path"] || "/"}`).href; }
+    // Not parsed here (most scripts never look, and parsing costs): the gateway validated path and authority.
+    const url = `${scheme}://${authority}${pseudo[":path"] || "/"}`;
     const req = Object.create(Request.prototype);
     req[hidden] = { url, method: pseudo[":method"] || "GET", headers, body, used: false, redirect: "follow",
       unbuffered: "the request body is not buffered: set buffer_request_body = true in the filter configuration" };
