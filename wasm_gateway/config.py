@@ -689,7 +689,8 @@ class _Validator:
                 return b""
             out["script"] = source
             out["filename"] = "inline.js"
-        out["env"] = self.get(t, key, "env", self.string_map, {})
+        no_env: dict[str, str] = {}
+        out["env"] = self.get(t, key, "env", self.string_map, no_env)
         for flag in ("buffer_request_body", "buffer_response_body"):
             out[flag] = self.get(t, key, flag, self.boolean, False)
         out["fetch_timeout_ms"] = self.get(t, key, "fetch_timeout_ms", self.int_range(1, 600_000), 5000)
