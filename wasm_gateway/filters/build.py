@@ -210,6 +210,10 @@ def _quickjs_sources(dest: Path) -> None:
             if member is None:
                 raise FilterBuildError(f"the QuickJS sdist lacks {name}")
             (dest / name).write_bytes(member.read())
+    _apply_patches(dest)
+
+
+def _apply_patches(dest: Path) -> None:
     for name, old, new, why in QUICKJS_PATCHES:
         path = dest / name
         text = path.read_text()
