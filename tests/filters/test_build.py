@@ -131,5 +131,5 @@ def test_quickjs_patches_fail_loudly_on_other_sources(tmp_path: Path) -> None:
 
     source = tmp_path / "quickjs.c"
     source.write_text("/* not the QuickJS we pinned */\n")
-    with pytest.raises(FilterBuildError, match="QuickJS patch no longer applies to quickjs.c"):
+    with pytest.raises(FilterBuildError, match=r"QuickJS patch no longer applies to quickjs\.c"):
         build._apply_patches(tmp_path)
