@@ -65,7 +65,9 @@ def js(module_cache: Path) -> Iterator[JsFilter]:
 
 def load_error(script: str, **config: Any) -> str:
     with pytest.raises(FilterLoadError) as info:
-        FilterHarness.from_file(filter_path("js"), configuration=js_config(script, **config)).close()
+        FilterHarness.from_file(
+            filter_path("js"), configuration=js_config(script, **config), callback_timeout_ms=1000
+        ).close()
     return str(info.value)
 
 

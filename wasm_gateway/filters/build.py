@@ -232,8 +232,43 @@ def _c_bytes(name: str, data: bytes) -> str:
     )
 
 
+def _zig_cc(src: Path, out: Path, *extra: str) -> None:
+    sources = ["glue.c", "quickjs.c", "libregexp.c", "libunicode.c", "cutils.c"]
+    # Relative names and cwd: assert() messages carry __FILE__, which must not depend on the temp dir.
+    cmd = [sys.executable, "-m", "ziglang", "cc", *JS_CFLAGS, *extra, "-o", str(out), *sources]
+    env = dict(os.environ, ZIG_LOCAL_CACHE_DIR=str(src.parent / "cache"))
+    result = subprocess.run(cmd, cwd=src, capture_output=True, text=True, check=False, env=env)
+    if result.returncode != 0 or not out.is_file():
+        raise FilterBuildError(f"building filter 'js' failed:\n{result.stderr.strip()[-4000:]}")
+
+
+def _prelude_bytecode(stage1: Path) -> bytes:
+    """Run the stage-1 module's ``gw_compile_prelude`` (QuickJS compiling the prelude) and return the bytecode."""
+    import wasmtime
+
+    engine = wasmtime.Engine()
+    module = wasmtime.Module.from_file(engine, str(stage1))
+    store = wasmtime.Store(engine)
+    store.set_wasi(wasmtime.WasiConfig())
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    for imp in module.imports:
+        if imp.module == "env" and isinstance(imp.type, wasmtime.FuncType):
+            # Never called while compiling; linked so the module instantiates.
+            linker.define_func("env", str(imp.name), imp.type, lambda *args: 0)
+    exports = linker.instantiate(store, module).exports(store)
+    exports["_initialize"](store)  # type: ignore[operator]
+    ptr = exports["gw_compile_prelude"](store)  # type: ignore[operator]
+    memory = exports["memory"]
+    assert isinstance(memory, wasmtime.Memory) and isinstance(ptr, int)
+    if ptr == 0:
+        raise FilterBuildError("QuickJS could not compile js/prelude.js")
+    size = int.from_bytes(memory.read(store, ptr, ptr + 4), "little")
+    return bytes(memory.read(store, ptr + 4, ptr + 4 + size))
+
+
 def build_js(out_dir: Path) -> Path:
-    """Compile QuickJS + ``js/glue.c`` + ``js/prelude.js`` to ``out_dir/js.wasm``."""
+    """Compile QuickJS + ``js/glue.c`` + ``js/prelude.js`` (as bytecode) to ``out_dir/js.wasm``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="wasm-gateway-js-") as tmp:
         src = Path(tmp) / "src"
@@ -242,14 +277,11 @@ def build_js(out_dir: Path) -> Path:
         shutil.copyfile(JS_DIR / "glue.c", src / "glue.c")
         shutil.copyfile(JS_DIR / "wasi_compat.h", src / "wasi_compat.h")
         (src / "prelude.h").write_text(_c_bytes("prelude_js", (JS_DIR / "prelude.js").read_bytes()))
+        stage1 = Path(tmp) / "stage1.wasm"
+        _zig_cc(src, stage1)
+        (src / "prelude_bc.h").write_text(_c_bytes("prelude_bc", _prelude_bytecode(stage1)))
         emitted = Path(tmp) / "js.wasm"
-        sources = ["glue.c", "quickjs.c", "libregexp.c", "libunicode.c", "cutils.c"]
-        # Relative names and cwd: assert() messages carry __FILE__, which must not depend on the temp dir.
-        cmd = [sys.executable, "-m", "ziglang", "cc", *JS_CFLAGS, "-o", str(emitted), *sources]
-        env = dict(os.environ, ZIG_LOCAL_CACHE_DIR=str(Path(tmp) / "cache"))
-        result = subprocess.run(cmd, cwd=src, capture_output=True, text=True, check=False, env=env)
-        if result.returncode != 0 or not emitted.is_file():
-            raise FilterBuildError(f"building filter 'js' failed:\n{result.stderr.strip()[-4000:]}")
+        _zig_cc(src, emitted, "-DGW_PRELUDE_BYTECODE")
         target = out_dir / "js.wasm"
         shutil.copyfile(emitted, target)
     return target
