@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from wasm_gateway.config import load_config
 from wasm_gateway.exceptions import FilterLoadError
 from wasm_gateway.filters import filter_path
 from wasm_gateway.runtime.context import HttpCallRequest
@@ -495,3 +497,38 @@ def test_properties_are_readable(js: JsFilter) -> None:
     )
     r = js(script).request(path="/some/where?x=1")
     assert r.local_response is not None and r.local_response[2] == b"/some/where?x=1"
+
+
+# -- docs/filters/js.md --------------------------------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "filters" / "js.md"
+
+
+def doc_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", DOC.read_text(), flags=re.S)
+
+
+def test_doc_python_example_runs() -> None:
+    (example,) = doc_blocks("python")
+    exec(compile(example, str(DOC), "exec"), {})
+
+
+def test_doc_script_and_toml_work_together(tmp_path: Path, module_cache: Path) -> None:
+    (script,) = doc_blocks("js")
+    (toml,) = doc_blocks("toml")
+    assert script.strip() == ISSUE_EXAMPLE.strip()
+    (tmp_path / "edge.js").write_text(script)
+    (tmp_path / "gateway.toml").write_text(toml)
+    config = load_config(tmp_path / "gateway.toml")
+    edge = config.filters["edge"]
+    assert edge.module == filter_path("js")
+    with FilterHarness.from_file(edge.module, configuration=edge.configuration, cache_dir=module_cache) as h:
+        r = h.request(path="/api/hello")
+        assert r.local_response is not None
+        assert json.loads(r.local_response[2]) == {"message": "hello from the edge", "region": "eu-west"}
+
+
+def test_doc_syntax_error_example_is_what_the_filter_says() -> None:
+    message = load_error("export function onRequest(request) {\n  return new Response(;\n}\n")
+    line = re.search(r"`(js: edge\.js:2:23: SyntaxError: [^`]*)`", DOC.read_text())
+    assert line is not None and line.group(1) in message
