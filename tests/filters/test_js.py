@@ -532,3 +532,21 @@ def test_doc_syntax_error_example_is_what_the_filter_says() -> None:
     message = load_error("export function onRequest(request) {\n  return new Response(;\n}\n")
     line = re.search(r"`(js: edge\.js:2:23: SyntaxError: [^`]*)`", DOC.read_text())
     assert line is not None and line.group(1) in message
+
+
+def test_header_values_are_byte_strings_kept_exactly(js: JsFilter) -> None:
+    script = """
+    export function onRequest(request) {
+      if (request.headers.has("x-euro")) request.headers.set("x-bad", "\\u20ac");
+      request.headers.set("x-seen", String(request.headers.get("x-name").length));
+      if (request.headers.has("x-echo")) return new Response(request.headers.get("x-name"));
+    }
+    """
+    h = js(script)
+    r = h.request(headers=[("x-name", "caf\xe9\xff")])  # obs-text bytes, as a client may send them
+    assert r.upstream_called and ("x-name", "caf\xe9\xff") in r.request_headers
+    assert ("x-seen", "5") in r.request_headers
+    r = h.request(headers=[("x-name", "caf\xe9"), ("x-echo", "1")])
+    assert r.local_response is not None and r.local_response[2] == "café".encode()
+    r = h.request(headers=[("x-name", "x"), ("x-euro", "1")])
+    assert r.response_status == 503 and "characters up to U+00FF only" in logs_text(r)

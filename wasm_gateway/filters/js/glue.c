@@ -145,6 +145,56 @@ static uint32_t rd32(const char *p) {
   return v;
 }
 
+/* Header names and values are byte strings: each byte is one character U+0000..U+00FF (Latin-1), as in the
+ * Fetch standard, so any bytes a client sent come back out unchanged when a script edits other headers. */
+static JSValue latin1_string(const char *s, size_t len) {
+  size_t high = 0;
+  for (size_t i = 0; i < len; i++) high += (uint8_t)s[i] >> 7;
+  if (!high) return JS_NewStringLen(jc, s, len);
+  char *utf8 = malloc(len + high);
+  if (!utf8) return JS_ThrowOutOfMemory(jc);
+  size_t o = 0;
+  for (size_t i = 0; i < len; i++) {
+    uint8_t c = (uint8_t)s[i];
+    if (c < 0x80) utf8[o++] = (char)c;
+    else utf8[o++] = (char)(0xC0 | (c >> 6)), utf8[o++] = (char)(0x80 | (c & 0x3F));
+  }
+  JSValue v = JS_NewStringLen(jc, utf8, o);
+  free(utf8);
+  return v;
+}
+
+/* The inverse: a JS string as bytes (malloc'd); NULL with a TypeError pending for a character above U+00FF. */
+static char *latin1_bytes(JSValueConst v, size_t *out_len) {
+  size_t len;
+  const char *s = JS_ToCStringLen(jc, &len, v);
+  if (!s) return NULL;
+  char *out = malloc(len + 1);
+  size_t o = 0;
+  if (!out) {
+    JS_FreeCString(jc, s);
+    JS_ThrowOutOfMemory(jc);
+    return NULL;
+  }
+  for (size_t i = 0; i < len; i++) {
+    uint8_t c = (uint8_t)s[i];
+    if (c < 0x80) {
+      out[o++] = (char)c;
+    } else if ((c == 0xC2 || c == 0xC3) && i + 1 < len && ((uint8_t)s[i + 1] & 0xC0) == 0x80) {
+      out[o++] = (char)(((c & 0x1F) << 6) | ((uint8_t)s[i + 1] & 0x3F));
+      i++;
+    } else {
+      free(out);
+      JS_FreeCString(jc, s);
+      JS_ThrowTypeError(jc, "header names and values must be byte strings (characters up to U+00FF)");
+      return NULL;
+    }
+  }
+  JS_FreeCString(jc, s);
+  *out_len = o;
+  return out;
+}
+
 /* Proxy-Wasm pairs -> flat JS array [k0, v0, k1, v1, ...]. */
 static JSValue pairs_to_array(const char *buf, size_t len) {
   JSValue arr = JS_NewArray(jc);
@@ -156,9 +206,9 @@ static JSValue pairs_to_array(const char *buf, size_t len) {
   for (uint32_t i = 0; i < n; i++) {
     uint32_t kl = rd32(sizes + i * 8), vl = rd32(sizes + i * 8 + 4);
     if ((size_t)(end - data) < (size_t)kl + vl + 2) break;
-    JS_SetPropertyUint32(jc, arr, idx++, JS_NewStringLen(jc, data, kl));
+    JS_SetPropertyUint32(jc, arr, idx++, latin1_string(data, kl));
     data += kl + 1;
-    JS_SetPropertyUint32(jc, arr, idx++, JS_NewStringLen(jc, data, vl));
+    JS_SetPropertyUint32(jc, arr, idx++, latin1_string(data, vl));
     data += vl + 1;
   }
   return arr;
@@ -174,7 +224,7 @@ static char *array_to_pairs(JSValueConst arr, size_t *out_len) {
   }
   JS_FreeValue(jc, lenv);
   uint32_t n = count / 2;
-  const char **strs = calloc(count ? count : 1, sizeof(char *));
+  char **strs = calloc(count ? count : 1, sizeof(char *));
   size_t *lens = calloc(count ? count : 1, sizeof(size_t));
   char *out = NULL;
   if (!strs || !lens) {
@@ -184,7 +234,7 @@ static char *array_to_pairs(JSValueConst arr, size_t *out_len) {
   size_t total = 4 + (size_t)n * 8;
   for (uint32_t i = 0; i < n * 2; i++) {
     JSValue v = JS_GetPropertyUint32(jc, arr, i);
-    strs[i] = JS_ToCStringLen(jc, &lens[i], v);
+    strs[i] = latin1_bytes(v, &lens[i]);
     JS_FreeValue(jc, v);
     if (!strs[i]) goto done;
     total += lens[i] + 1;
@@ -210,8 +260,7 @@ static char *array_to_pairs(JSValueConst arr, size_t *out_len) {
   *out_len = total;
 done:
   if (strs)
-    for (uint32_t i = 0; i < n * 2; i++)
-      if (strs[i]) JS_FreeCString(jc, strs[i]);
+    for (uint32_t i = 0; i < n * 2; i++) free(strs[i]);
   free(strs);
   free(lens);
   return out;

@@ -499,7 +499,7 @@
   }
   function headerValue(value) {
     const v = String(value).replace(/^[\t\n\r ]+|[\t\n\r ]+$/g, "");
-    if (/[\0\r\n]/.test(v)) throw new TypeError(`Invalid header value: ${JSON.stringify(v)}`);
+    if (/[\0\r\n\u0100-\uffff]/.test(v)) throw new TypeError(`Invalid header value: ${JSON.stringify(v)} (no CR, LF, NUL; characters up to U+00FF only)`);
     return v;
   }
 
