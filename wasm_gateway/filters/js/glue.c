@@ -55,6 +55,11 @@ static JSValue api = JS_UNDEFINED; /* the object the prelude returns */
 static JSValue fn_configure, fn_request_headers, fn_request_body, fn_response_headers, fn_response_body,
     fn_http_call_response, fn_settle, fn_delete, fn_run_timers;
 
+/* What the script defines (set by the prelude at configure): callbacks it cannot care about return at once. */
+enum { HOOK_REQUEST = 1, HOOK_RESPONSE = 2, HOOK_BUFFER_REQUEST = 4, HOOK_BUFFER_RESPONSE = 8 };
+static int hooks = HOOK_REQUEST | HOOK_RESPONSE | HOOK_BUFFER_REQUEST | HOOK_BUFFER_RESPONSE;
+static int timers_armed; /* the prelude has zero-delay timers queued */
+
 static void log_str(int level, const char *msg) { proxy_log(level, msg, strlen(msg)); }
 
 /* Log the pending exception with its stack (the last resort: the prelude logs script errors itself). */
@@ -99,6 +104,7 @@ static int run_jobs(void) {
       log_exception("js: promise job failed");
       return -1;
     }
+    if (!timers_armed) return 0;
     JSValue more = JS_Call(jc, fn_run_timers, api, 0, NULL);
     if (JS_IsException(more)) {
       log_exception("js: timer failed");
@@ -122,8 +128,8 @@ static int32_t enter(JSValue fn, int argc, const uint32_t *args, uint32_t settle
   }
   if (JS_ToInt32(jc, &action, r)) action = ACT_FAIL;
   JS_FreeValue(jc, r);
+  if (run_jobs() < 0) abort(); /* also after a synchronous answer: jobs it queued run now, not later */
   if (action == ACT_SETTLE) {
-    if (run_jobs() < 0) abort();
     JSValue id = JS_NewInt64(jc, (int64_t)settle_id);
     r = JS_Call(jc, fn_settle, api, 1, &id);
     if (JS_IsException(r)) {
@@ -621,7 +627,18 @@ static JSValue h_eval_module(JSContext *c, JSValueConst this, int argc, JSValueC
   return r;
 }
 
+static JSValue h_set_hooks(JSContext *c, JSValueConst this, int argc, JSValueConst *argv) {
+  return JS_ToInt32(c, &hooks, argv[0]) ? JS_EXCEPTION : JS_UNDEFINED;
+}
+
+static JSValue h_arm_timers(JSContext *c, JSValueConst this, int argc, JSValueConst *argv) {
+  timers_armed = JS_ToBool(c, argv[0]);
+  return JS_UNDEFINED;
+}
+
 static const JSCFunctionListEntry host_functions[] = {
+    JS_CFUNC_DEF("setHooks", 1, h_set_hooks),
+    JS_CFUNC_DEF("armTimers", 1, h_arm_timers),
     JS_CFUNC_DEF("log", 2, h_log),
     JS_CFUNC_DEF("getHeaders", 1, h_get_headers),
     JS_CFUNC_DEF("setHeaders", 2, h_set_headers),
@@ -705,21 +722,25 @@ EXPORT(proxy_on_configure) int32_t proxy_on_configure(uint32_t root, uint32_t le
 }
 
 EXPORT(proxy_on_request_headers) int32_t proxy_on_request_headers(uint32_t ctx, uint32_t n, uint32_t eos) {
+  if (!(hooks & (HOOK_REQUEST | HOOK_RESPONSE))) return ACT_CONTINUE;
   uint32_t args[2] = {ctx, eos};
   return enter(fn_request_headers, 2, args, ctx);
 }
 
 EXPORT(proxy_on_request_body) int32_t proxy_on_request_body(uint32_t ctx, uint32_t size, uint32_t eos) {
+  if (!(hooks & HOOK_BUFFER_REQUEST)) return ACT_CONTINUE;
   uint32_t args[3] = {ctx, size, eos};
   return enter(fn_request_body, 3, args, ctx);
 }
 
 EXPORT(proxy_on_response_headers) int32_t proxy_on_response_headers(uint32_t ctx, uint32_t n, uint32_t eos) {
+  if (!(hooks & HOOK_RESPONSE)) return ACT_CONTINUE;
   uint32_t args[2] = {ctx, eos};
   return enter(fn_response_headers, 2, args, ctx);
 }
 
 EXPORT(proxy_on_response_body) int32_t proxy_on_response_body(uint32_t ctx, uint32_t size, uint32_t eos) {
+  if (!(hooks & HOOK_BUFFER_RESPONSE)) return ACT_CONTINUE;
   uint32_t args[3] = {ctx, size, eos};
   return enter(fn_response_body, 3, args, ctx);
 }
@@ -732,6 +753,7 @@ void proxy_on_http_call_response(uint32_t root, uint32_t token, uint32_t nh, uin
 }
 
 EXPORT(proxy_on_delete) void proxy_on_delete(uint32_t ctx) {
+  if (!(hooks & (HOOK_REQUEST | HOOK_RESPONSE))) return;
   JSValue id = JS_NewInt64(jc, ctx);
   JSValue r = JS_Call(jc, fn_delete, api, 1, &id);
   if (JS_IsException(r)) log_exception("js: cleanup failed");

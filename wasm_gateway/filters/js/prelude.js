@@ -177,12 +177,13 @@
     if (Number(delay) > 0) throw new TypeError("setTimeout with a delay is not supported in gateway filters (zero-delay timers are)");
     const id = nextTimer++;
     timers.set(id, () => fn(...args));
+    host.armTimers(true);
     return id;
   }
   function clearTimeout(id) { timers.delete(id); }
   function queueMicrotask(fn) { Promise.resolve().then(() => fn()); }
   function runTimers() {
-    if (timers.size === 0) return false;
+    if (timers.size === 0) { host.armTimers(false); return false; }
     const [id, fn] = timers.entries().next().value;
     timers.delete(id);
     fn();
@@ -497,8 +498,10 @@
     if (!TOKEN.test(n)) throw new TypeError(`Invalid header name: ${JSON.stringify(n)}`);
     return n.toLowerCase();
   }
+  const EDGE_SPACE = /^[\t\n\r ]|[\t\n\r ]$/;
   function headerValue(value) {
-    const v = String(value).replace(/^[\t\n\r ]+|[\t\n\r ]+$/g, "");
+    let v = String(value);
+    if (EDGE_SPACE.test(v)) v = v.replace(/^[\t\n\r ]+|[\t\n\r ]+$/g, "");
     if (/[\0\r\n\u0100-\uffff]/.test(v)) throw new TypeError(`Invalid header value: ${JSON.stringify(v)} (no CR, LF, NUL; characters up to U+00FF only)`);
     return v;
   }
@@ -574,7 +577,7 @@
     const list = h[hidden].list;
     for (let i = 0; i + 1 < flat.length; i += 2) {
       const k = flat[i];
-      if (k.charCodeAt(0) === 58 /* ':' */) pseudo[k] = flat[i + 1];
+      if (k.charCodeAt(0) === 58 /* ':' */) { if (pseudo) pseudo[k] = flat[i + 1]; }
       else list.push([k.toLowerCase(), flat[i + 1]]);
     }
     return h;
@@ -654,7 +657,11 @@
     }
     get url() { return this[hidden].url; }
     get method() { return this[hidden].method; }
-    get headers() { return this[hidden].headers; }
+    get headers() {
+      const h = this[hidden];
+      if (h.headers === null) h.headers = headersFromFlat(h.flat, null); // built on first use: many scripts never look
+      return h.headers;
+    }
     get redirect() { return this[hidden].redirect; }
     get signal() { return undefined; }
     clone() {
@@ -807,6 +814,7 @@
       onRequest = (request, ctx) => f(request, ctx.env, ctx);
     }
     if (!onRequest && listeners.length) onRequest = dispatchFetchEvent;
+    host.setHooks((onRequest ? 1 : 0) | (onResponse ? 2 : 0) | (config.buffer_request_body ? 4 : 0) | (config.buffer_response_body ? 8 : 0));
     if (!onRequest && !onResponse) {
       host.log(ERROR, `js: ${filename} defines no handler: export onRequest(request, ctx) and/or onResponse(response, request, ctx), export default { fetch }, or addEventListener("fetch", ...)`);
       return false;
@@ -878,15 +886,22 @@
   }
 
   function makeRequest(st, body) {
+    // One host call for the whole map (cheaper than four lookups of the pseudo-headers alone).
     const pseudo = {};
-    const headers = headersFromFlat(host.getHeaders(REQUEST_HEADERS), pseudo);
+    const flat = host.getHeaders(REQUEST_HEADERS);
+    let hostHeader = "localhost";
+    for (let i = 0; i + 1 < flat.length; i += 2) {
+      const k = flat[i];
+      if (k.charCodeAt(0) === 58 /* ':' */) pseudo[k] = flat[i + 1];
+      else if (k === "host") hostHeader = flat[i + 1];
+    }
     st.pseudo = pseudo;
     const scheme = pseudo[":scheme"] || "http";
-    const authority = pseudo[":authority"] || headers.get("host") || "localhost";
+    const authority = pseudo[":authority"] || hostHeader;
     // Not parsed here (most scripts never look, and parsing costs): the gateway validated path and authority.
     const url = `${scheme}://${authority}${pseudo[":path"] || "/"}`;
     const req = Object.create(Request.prototype);
-    req[hidden] = { url, method: pseudo[":method"] || "GET", headers, body, used: false, redirect: "follow",
+    req[hidden] = { url, method: pseudo[":method"] || "GET", headers: null, flat, body, used: false, redirect: "follow",
       unbuffered: "the request body is not buffered: set buffer_request_body = true in the filter configuration" };
     return req;
   }
@@ -900,13 +915,20 @@
     st.outcome = undefined;
     st.where = where;
     current = st;
+    let result;
     try {
-      Promise.resolve(call()).then((value) => { st.outcome = { ok: true, value }; }, (error) => { st.outcome = { ok: false, error }; });
+      result = call();
     } catch (e) {
       st.outcome = { ok: false, error: e };
+      return finish(st);
     } finally {
       current = null;
     }
+    if (result === null || typeof result !== "object" || typeof result.then !== "function") {
+      st.outcome = { ok: true, value: result }; // a plain (non-async) handler: no promise round trip
+      return finish(st);
+    }
+    Promise.resolve(result).then((value) => { st.outcome = { ok: true, value }; }, (error) => { st.outcome = { ok: false, error }; });
     return SETTLE;
   }
 
@@ -968,7 +990,8 @@
     if (value instanceof Response) return answer(st, value);
     const req = st.request;
     if (value === undefined || value === null) {
-      if (req.headers[hidden].dirty) host.setHeaders(REQUEST_HEADERS, pseudoFlat(st.pseudo).concat(flatHeaders(req.headers)));
+      const edited = req[hidden].headers; // null: the script never looked at them
+      if (edited !== null && edited[hidden].dirty) host.setHeaders(REQUEST_HEADERS, pseudoFlat(st.pseudo).concat(flatHeaders(edited)));
       return CONTINUE;
     }
     if (!(value instanceof Request)) throw new TypeError(`${st.where} must return undefined, a Response (answer) or a Request (forward it), got ${describe(value)}`);
@@ -1052,7 +1075,12 @@
     const call = calls.get(token);
     if (!call) return CONTINUE;
     calls.delete(token);
-    if (call.stream) call.stream.calls--;
+    if (call.stream) {
+      call.stream.calls--;
+      // The answer arrives on the root context: what the script does next (read request headers, ...) is
+      // about its stream.
+      if (streams.has(call.stream.id)) host.setEffectiveContext(call.stream.id);
+    }
     if (nHeaders === 0) {
       call.reject(new TypeError(`fetch ${call.url}: the upstream did not answer (connection failed or timed out)`));
       return SETTLE;
