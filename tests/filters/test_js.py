@@ -550,3 +550,29 @@ def test_header_values_are_byte_strings_kept_exactly(js: JsFilter) -> None:
     assert r.local_response is not None and r.local_response[2] == "café".encode()
     r = h.request(headers=[("x-name", "x"), ("x-euro", "1")])
     assert r.response_status == 503 and "characters up to U+00FF only" in logs_text(r)
+
+
+def test_after_a_fetch_the_script_still_sees_its_own_request(js: JsFilter) -> None:
+    script = """
+    export async function onRequest(request, ctx) {
+      const r = await fetch("http://svc/x");
+      return new Response(`${await r.text()} ${ctx.property("request.path")} ${request.headers.get("x-id")}`);
+    }
+    """
+    r = js(script, http_calls={"svc": lambda req: (200, [], b"svc")}).request(
+        path="/mine", headers=[("x-id", "7")]
+    )
+    assert r.local_response is not None and r.local_response[2] == b"svc /mine 7"
+
+
+def test_fetch_to_an_upstream_the_filter_may_not_call_is_refused_at_once(js: JsFilter) -> None:
+    script = """
+    export async function onRequest() {
+      try { await fetch("http://internal-admin/"); } catch (e) { return new Response(e.message, { status: 502 }); }
+    }
+    """
+    h = js(script, spec={"upstreams": frozenset({"authz"})}, http_calls={"internal-admin": authz})
+    r = h.request()
+    assert r.local_response is not None and r.local_response[0] == 502
+    assert b"fetch http://internal-admin/: refused by the gateway" in r.local_response[2]
+    assert r.http_calls == []

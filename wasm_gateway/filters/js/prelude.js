@@ -729,8 +729,7 @@
     const timeout = init && init.timeout !== undefined ? Number(init.timeout) : config.fetch_timeout_ms;
     const token = host.httpCall(u.hostname, headers, body, timeout);
     if (token < 0) {
-      const why = token === -1 ? "unknown upstream" : token === -2 ? "bad request" : `proxy status ${-token}`;
-      throw new TypeError(`fetch ${req.url}: ${why} (the URL's host must name an upstream the filter may call)`);
+      throw new TypeError(`fetch ${req.url}: refused by the gateway (proxy status ${-token}): the URL's host must name an upstream this filter may call`);
     }
     if (current) current.calls++;
     return new Promise((resolve, reject) => calls.set(token, { resolve, reject, url: req.url, stream: current }));
