@@ -576,3 +576,25 @@ def test_fetch_to_an_upstream_the_filter_may_not_call_is_refused_at_once(js: JsF
     assert r.local_response is not None and r.local_response[0] == 502
     assert b"fetch http://internal-admin/: refused by the gateway" in r.local_response[2]
     assert r.http_calls == []
+
+
+def test_on_response_alone_sees_the_request(js: JsFilter) -> None:
+    script = """
+    export function onResponse(response, request) {
+      response.headers.set("x-for", `${request.method} ${new URL(request.url).pathname}`);
+    }
+    """
+    r = js(script).request(method="PATCH", path="/a/b?c=1")
+    assert ("x-for", "PATCH /a/b") in r.response_headers
+
+
+def test_fetch_refuses_to_forward_an_unbuffered_body(js: JsFilter) -> None:
+    script = """
+    export async function onRequest(request) {
+      await fetch(new Request("http://svc/copy", request));
+    }
+    """
+    r = js(script, http_calls={"svc": lambda req: (200, [], b"")}).request(
+        method="POST", body_chunks=[b"a", b"b"]
+    )
+    assert r.response_status == 503 and "request body is not buffered" in logs_text(r) and r.http_calls == []

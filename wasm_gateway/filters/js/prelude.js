@@ -724,7 +724,8 @@
     if (u.protocol !== "http:" && u.protocol !== "https:") throw new TypeError(`fetch ${req.url}: only http: and https: URLs (host = an upstream name from the gateway configuration)`);
     const headers = [":method", req.method, ":path", u.pathname + u.search, ":authority", u.host, ":scheme", u.protocol.slice(0, -1)];
     for (const [k, v] of req.headers[hidden].list) if (k !== "host" && k !== "content-length") headers.push(k, v);
-    const body = req[hidden].body === NOT_BUFFERED ? null : req[hidden].body;
+    if (req[hidden].body === NOT_BUFFERED) throw new TypeError(`fetch ${req.url}: ${req[hidden].unbuffered}`);
+    const body = req[hidden].body;
     if (body !== null && !req.headers.has("content-length")) headers.push("content-length", String(typeof body === "string" ? host.utf8Encode(body).byteLength : body.byteLength));
     const timeout = init && init.timeout !== undefined ? Number(init.timeout) : config.fetch_timeout_ms;
     const token = host.httpCall(u.hostname, headers, body, timeout);
@@ -870,7 +871,7 @@
   function requestHeaders(id, eos) {
     if (!onRequest && !onResponse) return CONTINUE;
     const st = newStream(id);
-    if (!onRequest) return CONTINUE;
+    if (!onRequest) { st.request = makeRequest(st, NOT_BUFFERED); return CONTINUE; } // for onResponse(response, request)
     if (!eos && config.buffer_request_body) { st.bufferRequest = true; return PAUSE; }
     return startRequest(st, eos ? null : NOT_BUFFERED);
   }
@@ -1038,16 +1039,7 @@
     res[hidden] = { status: parseInt(pseudo[":status"] || "200", 10), statusText: "", headers, body, used: false, upstream: true,
       unbuffered: "the response body is not buffered: set buffer_response_body = true in the filter configuration" };
     st.response = res;
-    if (!st.request) st.request = makeRequestLater(st);
     return run(st, "onResponse", () => onResponse(res, st.request, st.ctx));
-  }
-
-  function makeRequestLater(st) {
-    // onResponse without onRequest: the request as the upstream got it is no longer visible here.
-    const req = Object.create(Request.prototype);
-    req[hidden] = { url: "http://localhost/", method: "GET", headers: new Headers(), body: NOT_BUFFERED, used: false, redirect: "follow",
-      unbuffered: "the request body is not available in onResponse" };
-    return req;
   }
 
   function applyResponse(st, value) {
