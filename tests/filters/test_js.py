@@ -598,3 +598,38 @@ def test_fetch_refuses_to_forward_an_unbuffered_body(js: JsFilter) -> None:
         method="POST", body_chunks=[b"a", b"b"]
     )
     assert r.response_status == 503 and "request body is not buffered" in logs_text(r) and r.http_calls == []
+
+
+def test_deep_recursion_is_a_catchable_error(js: JsFilter) -> None:
+    script = """
+    function plain(n) { return n === 0 ? 0 : 1 + plain(n - 1); }
+    function viaMap(n) { return n === 0 ? 0 : 1 + [n - 1].map(viaMap)[0]; }
+    export function onRequest(request) {
+      const n = Number(request.headers.get("x-n"));
+      const f = request.headers.has("x-map") ? viaMap : plain;
+      try { return new Response(String(f(n))); } catch (e) { return new Response(`${e.name}: ${e.message}`, { status: 500 }); }
+    }
+    """
+    h = js(script)
+    for extra in ([], [("x-map", "1")]):
+        r = h.request(headers=[("x-n", "200"), *extra])
+        assert r.local_response is not None and r.local_response[2] == b"200"
+        r = h.request(headers=[("x-n", "1000000"), *extra])
+        assert r.local_response is not None, logs_text(r)
+        assert r.local_response[:1] == (500,) and r.local_response[2] == b"InternalError: stack overflow"
+
+
+def test_hostile_json_bodies_fail_cleanly(js: JsFilter) -> None:
+    script = """
+    export async function onRequest(request) {
+      try { await request.json(); } catch (e) { return Response.json({ error: e.name }, { status: 400 }); }
+      return new Response("ok");
+    }
+    """
+    h = js(script, buffer_request_body=True)
+    for body in (b"[" * 200_000, b'{"a":' * 50_000, b"\xff\xfe not json", b'"' + b"\\u" * 1000):
+        r = h.request(method="POST", body=body, headers=[("content-length", str(len(body)))])
+        assert r.local_response is not None, logs_text(r)
+        assert r.local_response[0] == 400
+    r = h.request(method="POST", body=b'{"fine": true}', headers=[("content-length", "14")])
+    assert r.local_response is not None and r.local_response[2] == b"ok"

@@ -627,6 +627,34 @@ static JSValue h_eval_module(JSContext *c, JSValueConst this, int argc, JSValueC
   return r;
 }
 
+/* jsonTooDeep(text, limit): whether brackets outside strings nest deeper than limit. QuickJS's JSON parser
+ * recurses on wasmtime's native stack faster than its stack check notices (a trap at ~5,000 levels), so the
+ * prelude refuses such input up front with a SyntaxError a script can catch. */
+static JSValue h_json_too_deep(JSContext *c, JSValueConst this, int argc, JSValueConst *argv) {
+  size_t len;
+  int32_t limit;
+  if (JS_ToInt32(c, &limit, argv[1])) return JS_EXCEPTION;
+  const char *s = JS_ToCStringLen(c, &len, argv[0]);
+  if (!s) return JS_EXCEPTION;
+  int32_t depth = 0;
+  int in_string = 0, too_deep = 0;
+  for (size_t i = 0; i < len && !too_deep; i++) {
+    char ch = s[i];
+    if (in_string) {
+      if (ch == '\\') i++;
+      else if (ch == '"') in_string = 0;
+    } else if (ch == '"') {
+      in_string = 1;
+    } else if (ch == '[' || ch == '{') {
+      too_deep = ++depth > limit;
+    } else if ((ch == ']' || ch == '}') && depth > 0) {
+      depth--;
+    }
+  }
+  JS_FreeCString(c, s);
+  return JS_NewBool(c, too_deep);
+}
+
 static JSValue h_set_hooks(JSContext *c, JSValueConst this, int argc, JSValueConst *argv) {
   return JS_ToInt32(c, &hooks, argv[0]) ? JS_EXCEPTION : JS_UNDEFINED;
 }
@@ -638,6 +666,7 @@ static JSValue h_arm_timers(JSContext *c, JSValueConst this, int argc, JSValueCo
 
 static const JSCFunctionListEntry host_functions[] = {
     JS_CFUNC_DEF("setHooks", 1, h_set_hooks),
+    JS_CFUNC_DEF("jsonTooDeep", 2, h_json_too_deep),
     JS_CFUNC_DEF("armTimers", 1, h_arm_timers),
     JS_CFUNC_DEF("log", 2, h_log),
     JS_CFUNC_DEF("getHeaders", 1, h_get_headers),
@@ -668,8 +697,12 @@ static JSValue api_fn(const char *name) { return JS_GetPropertyStr(jc, api, name
 EXPORT(proxy_on_vm_start) int32_t proxy_on_vm_start(uint32_t root, uint32_t len) {
   rt = JS_NewRuntime();
   if (!rt) return 0;
-  /* The shadow stack is 1 MiB (build.py); leave room for the C frames below the interpreter. */
-  JS_SetMaxStackSize(rt, 768 * 1024);
+  /* Deep recursion must end in a catchable InternalError ("stack overflow"), not a trap. Each JS call level
+   * takes ~256 bytes of this (linear-memory) stack but ~700 bytes of wasmtime's native stack, which the
+   * runtime caps at 512 KiB: 144 KiB stops plain recursion at ~560 levels, before the native stack runs out.
+   * (Recursion through native builtins uses more native stack per level and may still trap: the failure
+   * policy applies then.) */
+  JS_SetMaxStackSize(rt, 144 * 1024);
   jc = JS_NewContext(rt);
   if (!jc) return 0;
 #ifdef GW_PRELUDE_BYTECODE

@@ -1090,6 +1090,19 @@
     for (const [token, call] of calls) if (call.stream && call.stream.id === id) calls.delete(token);
   }
 
+  // Hostile JSON (a client's body) must end in a SyntaxError the script can catch, not in a trap: see glue.c.
+  const MAX_JSON_DEPTH = 1000;
+  const nativeParse = JSON.parse;
+  Object.defineProperty(JSON, "parse", {
+    value: function parse(text, reviver) {
+      const s = String(text);
+      if (host.jsonTooDeep(s, MAX_JSON_DEPTH)) throw new SyntaxError(`JSON.parse: nested deeper than ${MAX_JSON_DEPTH} levels`);
+      return reviver === undefined ? nativeParse(s) : nativeParse(s, reviver);
+    },
+    writable: true,
+    configurable: true,
+  });
+
   // ---------------------------------------------------------------------------------------------- globals
 
   define("console", console);
