@@ -655,6 +655,59 @@ static JSValue h_json_too_deep(JSContext *c, JSValueConst this, int argc, JSValu
   return JS_NewBool(c, too_deep);
 }
 
+/* headerName(string) -> the name lower-cased; TypeError unless it is an HTTP token. */
+static JSValue h_header_name(JSContext *c, JSValueConst this, int argc, JSValueConst *argv) {
+  /* RFC 9110 tchar: ! # $ % & ' * + - . ^ _ ` | ~ DIGIT ALPHA */
+  static const char *tchars = "!#$%&'*+-.^_`|~";
+  size_t len;
+  const char *s = JS_ToCStringLen(c, &len, argv[0]);
+  if (!s) return JS_EXCEPTION;
+  int upper = 0, ok = len > 0;
+  for (size_t i = 0; i < len && ok; i++) {
+    unsigned char ch = (unsigned char)s[i];
+    if (ch >= 'A' && ch <= 'Z') upper = 1;
+    else if (!((ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || (ch && strchr(tchars, ch)))) ok = 0;
+  }
+  JSValue r;
+  if (!ok) {
+    r = JS_ThrowTypeError(c, "Invalid header name: \"%.100s\"", s);
+  } else if (!upper) {
+    r = JS_DupValue(c, argv[0]);
+  } else {
+    char *low = malloc(len + 1);
+    if (!low) {
+      JS_FreeCString(c, s);
+      return JS_ThrowOutOfMemory(c);
+    }
+    for (size_t i = 0; i < len; i++) low[i] = (s[i] >= 'A' && s[i] <= 'Z') ? (char)(s[i] + 32) : s[i];
+    r = JS_NewStringLen(c, low, len);
+    free(low);
+  }
+  JS_FreeCString(c, s);
+  return r;
+}
+
+/* headerValue(string) -> without leading/trailing HTTP whitespace; TypeError for NUL, CR, LF or a character
+ * above U+00FF (header values are byte strings). */
+static JSValue h_header_value(JSContext *c, JSValueConst this, int argc, JSValueConst *argv) {
+  size_t len;
+  const char *s = JS_ToCStringLen(c, &len, argv[0]);
+  if (!s) return JS_EXCEPTION;
+  size_t start = 0, end = len;
+  while (start < end && (s[start] == ' ' || s[start] == '\t' || s[start] == '\r' || s[start] == '\n')) start++;
+  while (end > start && (s[end - 1] == ' ' || s[end - 1] == '\t' || s[end - 1] == '\r' || s[end - 1] == '\n')) end--;
+  for (size_t i = start; i < end; i++) {
+    unsigned char ch = (unsigned char)s[i];
+    if (ch == 0 || ch == '\r' || ch == '\n' || ch >= 0xC4) { /* UTF-8 leads from 0xC4 encode U+0100 and up */
+      JS_FreeCString(c, s);
+      return JS_ThrowTypeError(c, "Invalid header value (no CR, LF, NUL; characters up to U+00FF only)");
+    }
+  }
+  JSValue r = (start == 0 && end == len) ? JS_DupValue(c, argv[0]) : JS_NewStringLen(c, s + start, end - start);
+  JS_FreeCString(c, s);
+  return r;
+}
+
 static JSValue h_set_hooks(JSContext *c, JSValueConst this, int argc, JSValueConst *argv) {
   return JS_ToInt32(c, &hooks, argv[0]) ? JS_EXCEPTION : JS_UNDEFINED;
 }
@@ -666,6 +719,8 @@ static JSValue h_arm_timers(JSContext *c, JSValueConst this, int argc, JSValueCo
 
 static const JSCFunctionListEntry host_functions[] = {
     JS_CFUNC_DEF("setHooks", 1, h_set_hooks),
+    JS_CFUNC_DEF("headerName", 1, h_header_name),
+    JS_CFUNC_DEF("headerValue", 1, h_header_value),
     JS_CFUNC_DEF("jsonTooDeep", 2, h_json_too_deep),
     JS_CFUNC_DEF("armTimers", 1, h_arm_timers),
     JS_CFUNC_DEF("log", 2, h_log),

@@ -492,25 +492,17 @@
 
   // ---------------------------------------------------------------------------------------------- Headers
 
+  // Names and values are checked in C (host.headerName / host.headerValue): regular expressions cost more
+  // than everything else a small script does per request. A header list is flat: [name0, value0, ...].
   const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
-  function headerName(name) {
-    const n = String(name);
-    if (!TOKEN.test(n)) throw new TypeError(`Invalid header name: ${JSON.stringify(n)}`);
-    return n.toLowerCase();
-  }
-  const EDGE_SPACE = /^[\t\n\r ]|[\t\n\r ]$/;
-  function headerValue(value) {
-    let v = String(value);
-    if (EDGE_SPACE.test(v)) v = v.replace(/^[\t\n\r ]+|[\t\n\r ]+$/g, "");
-    if (/[\0\r\n\u0100-\uffff]/.test(v)) throw new TypeError(`Invalid header value: ${JSON.stringify(v)} (no CR, LF, NUL; characters up to U+00FF only)`);
-    return v;
-  }
+  const headerName = (name) => host.headerName(String(name));
+  const headerValue = (value) => host.headerValue(String(value));
 
   class Headers {
     constructor(init) {
       this[hidden] = { list: [], dirty: false, guard: null };
       if (init === undefined || init === null) return;
-      if (init instanceof Headers) for (const [k, v] of init[hidden].list) this.append(k, v);
+      if (init instanceof Headers) this[hidden].list = init[hidden].list.slice();
       else if (typeof init[Symbol.iterator] === "function") {
         for (const pair of init) {
           const p = Array.from(pair);
@@ -526,33 +518,53 @@
       if (g) throw new TypeError(g);
       this[hidden].dirty = true;
     }
-    append(name, value) { const n = headerName(name); const v = headerValue(value); this._edit(); this[hidden].list.push([n, v]); }
+    append(name, value) { const n = headerName(name); const v = headerValue(value); this._edit(); this[hidden].list.push(n, v); }
     set(name, value) {
       const n = headerName(name);
       const v = headerValue(value);
       this._edit();
       const list = this[hidden].list;
-      const i = list.findIndex(([k]) => k === n);
-      if (i < 0) { list.push([n, v]); return; }
-      list[i] = [n, v];
-      for (let j = list.length - 1; j > i; j--) if (list[j][0] === n) list.splice(j, 1);
+      let found = false;
+      for (let i = 0; i < list.length; i += 2) {
+        if (list[i] !== n) continue;
+        if (!found) { list[i + 1] = v; found = true; }
+        else { list.splice(i, 2); i -= 2; }
+      }
+      if (!found) list.push(n, v);
     }
     delete(name) {
       const n = headerName(name);
       const list = this[hidden].list;
-      if (!list.some(([k]) => k === n)) return;
-      this._edit();
-      for (let j = list.length - 1; j >= 0; j--) if (list[j][0] === n) list.splice(j, 1);
+      for (let i = list.length - 2; i >= 0; i -= 2) {
+        if (list[i] !== n) continue;
+        this._edit();
+        list.splice(i, 2);
+      }
     }
     get(name) {
       const n = headerName(name);
-      const vs = this[hidden].list.filter(([k]) => k === n).map(([, v]) => v);
-      return vs.length ? vs.join(", ") : null;
+      const list = this[hidden].list;
+      let out = null;
+      for (let i = 0; i < list.length; i += 2) if (list[i] === n) out = out === null ? list[i + 1] : `${out}, ${list[i + 1]}`;
+      return out;
     }
-    getSetCookie() { return this[hidden].list.filter(([k]) => k === "set-cookie").map(([, v]) => v); }
-    has(name) { const n = headerName(name); return this[hidden].list.some(([k]) => k === n); }
+    getSetCookie() {
+      const list = this[hidden].list;
+      const out = [];
+      for (let i = 0; i < list.length; i += 2) if (list[i] === "set-cookie") out.push(list[i + 1]);
+      return out;
+    }
+    has(name) {
+      const n = headerName(name);
+      const list = this[hidden].list;
+      for (let i = 0; i < list.length; i += 2) if (list[i] === n) return true;
+      return false;
+    }
     _sorted() {
-      const names = [...new Set(this[hidden].list.map(([k]) => k))].sort();
+      const list = this[hidden].list;
+      const names = [];
+      for (let i = 0; i < list.length; i += 2) if (!names.includes(list[i])) names.push(list[i]);
+      names.sort();
       const out = [];
       for (const n of names) {
         if (n === "set-cookie") for (const v of this.getSetCookie()) out.push([n, v]);
@@ -568,8 +580,10 @@
   }
 
   function flatHeaders(headers, skip) {
+    const list = headers[hidden].list;
+    if (!skip) return list.slice();
     const out = [];
-    for (const [k, v] of headers[hidden].list) if (!skip || !skip.has(k)) out.push(k, v);
+    for (let i = 0; i < list.length; i += 2) if (!skip.has(list[i])) out.push(list[i], list[i + 1]);
     return out;
   }
   function headersFromFlat(flat, pseudo) {
@@ -578,7 +592,7 @@
     for (let i = 0; i + 1 < flat.length; i += 2) {
       const k = flat[i];
       if (k.charCodeAt(0) === 58 /* ':' */) { if (pseudo) pseudo[k] = flat[i + 1]; }
-      else list.push([k.toLowerCase(), flat[i + 1]]);
+      else list.push(k, flat[i + 1]); // the gateway's header names are lower-case already
     }
     return h;
   }
@@ -597,7 +611,7 @@
     else if (body instanceof ArrayBuffer || ArrayBuffer.isView(body)) data = toBytes(body).slice();
     else if (typeof body === "object" && typeof body.getReader === "function") throw new TypeError("streaming bodies (ReadableStream) are not supported in gateway filters; pass a string or bytes");
     else { data = String(body); type = "text/plain;charset=UTF-8"; }
-    if (type && headers && !headers.has("content-type")) headers[hidden].list.push(["content-type", type]);
+    if (type && headers && !headers.has("content-type")) headers[hidden].list.push("content-type", type);
     return data;
   }
 
@@ -723,7 +737,8 @@
     const u = new URL(req.url);
     if (u.protocol !== "http:" && u.protocol !== "https:") throw new TypeError(`fetch ${req.url}: only http: and https: URLs (host = an upstream name from the gateway configuration)`);
     const headers = [":method", req.method, ":path", u.pathname + u.search, ":authority", u.host, ":scheme", u.protocol.slice(0, -1)];
-    for (const [k, v] of req.headers[hidden].list) if (k !== "host" && k !== "content-length") headers.push(k, v);
+    const list = req.headers[hidden].list;
+    for (let i = 0; i < list.length; i += 2) if (list[i] !== "host" && list[i] !== "content-length") headers.push(list[i], list[i + 1]);
     if (req[hidden].body === NOT_BUFFERED) throw new TypeError(`fetch ${req.url}: ${req[hidden].unbuffered}`);
     const body = req[hidden].body;
     if (body !== null && !req.headers.has("content-length")) headers.push("content-length", String(typeof body === "string" ? host.utf8Encode(body).byteLength : body.byteLength));
