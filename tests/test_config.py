@@ -162,4 +162,4 @@ def test_builtin_filter_modules() -> None:
     config = parse_config('[filters.t]\nmodule = "builtin:transform"\n', env={}, source="g.toml")
     assert config.filters["t"].module.name == "transform.wasm" and config.filters["t"].module.is_file()
     errors = errors_of('[filters.t]\nmodule = "builtin:nope"\n')
-    assert errors[0].startswith("gateway.toml: filters.t.module: \"builtin:nope\": no bundled filter 'nope'")
+    assert errors[0].startswith('gateway.toml: filters.t.module: "builtin:nope": no bundled filter \'nope\'')
