@@ -20,6 +20,8 @@ from tests.runtime.wat import filter_wat, imp
 
 # A filter that adds x-filtered to requests and x-filtered-response to responses, unless the request asks it
 # to misbehave: x-trap traps, x-loop spins forever, x-grow eats memory until the limit and then traps.
+# The callback time limit (500 ms) is far above what a well-behaved callback takes even on a loaded machine:
+# at 50 ms a descheduled request failed as a timeout now and then.
 GUARD = filter_wat(
     """
   (data (i32.const 0x400) "x-trap")
@@ -70,7 +72,7 @@ targets = ["127.0.0.1:{origin_port}"]
 [filters.guard]
 module = "{module}"
 failure_policy = "{policy}"
-callback_timeout_ms = 50
+callback_timeout_ms = 500
 memory_limit_bytes = 1048576
 pool = {{ min = 2, max = 4, borrow_timeout = 5.0 }}
 {extra}
@@ -106,6 +108,32 @@ def test_filter_edits_reach_origin_and_client(origin: ThreadServer, guard_wasm: 
         data = echoed(httpx.post(gw.url + "/upload", content=payload))
         assert data["body_size"] == len(payload)
         assert header(data, "transfer-encoding") == ["chunked"]
+
+
+PASS_THROUGH = filter_wat(
+    """
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    i32.const 0)
+"""
+)
+
+
+@pytest.mark.parametrize("edits", [True, False], ids=["filter-edits-headers", "filter-passes-through"])
+def test_host_rewrite_applies_behind_filters(
+    origin: ThreadServer, guard_wasm: Path, tmp_path: Path, edits: bool
+) -> None:
+    # Filters see the client's Host as :authority; the upstream still gets the rewritten one (Envoy's order).
+    module = guard_wasm
+    if not edits:
+        module = tmp_path / "pass.wasm"
+        module.write_bytes(wasmtime.wat2wasm(PASS_THROUGH))
+    target = f'targets = ["127.0.0.1:{origin.port}"]'
+    config = guarded_config(origin.port, module).replace(target, target + '\nhost_header = "rewrite"')
+    with gateway_server(config, tmp_path) as gw:
+        data = echoed(httpx.get(gw.url + "/echo", headers={"Host": "site.example"}))
+        assert header(data, "host") == [f"127.0.0.1:{origin.port}"]
+        assert header(data, "x-forwarded-host") == ["site.example"]
+        assert bool(header(data, "x-filtered")) is edits
 
 
 def test_faulty_filter_under_load_fails_exactly_the_affected_requests(
@@ -334,3 +362,38 @@ access_log = false
         assert response.json() == {"filtered": "1", "body": 100_000}
         trapped = httpx.get(server.url + "/x", headers={"x-trap": "1"})
         assert trapped.status_code == 503 and trapped.json()["filter"] == "guard"
+
+
+def test_response_body_filters_see_small_answers_whole_and_keep_their_length(
+    origin: ThreadServer, tmp_path: Path
+) -> None:
+    edits = '[{ op = "set", pointer = "/edited", value = true }]'
+    config = f"""
+[upstreams.origin]
+targets = ["127.0.0.1:{origin.port}"]
+
+[filters.t]
+module = "builtin:transform"
+configuration = {{ response = {{ body = {{ edits = {edits} }} }} }}
+
+[[routes]]
+name = "r"
+path_prefix = "/"
+upstream = "origin"
+filters = ["t"]
+"""
+    with gateway_server(config, tmp_path) as gw:
+        response = httpx.get(gw.url + "/echo")
+        assert response.json()["edited"] is True
+        assert response.headers["content-length"] == str(len(response.content))
+        assert "transfer-encoding" not in response.headers
+        head = httpx.head(gw.url + "/echo")
+        assert head.status_code == 200 and head.content == b""
+        streamed = httpx.get(gw.url + "/big?n=300000")  # not JSON, streamed: passed on as it comes
+        assert streamed.status_code == 200 and len(streamed.content) == 300_000
+    # Header edits only: the module still has body callbacks, which pass the small body on untouched.
+    config = config.replace(f"body = {{ edits = {edits} }}", 'headers = { set = { x-t = "1" } }')
+    with gateway_server(config, tmp_path) as gw:
+        response = httpx.get(gw.url + "/echo")
+        assert response.headers["x-t"] == "1"
+        assert response.headers["content-length"] == str(len(response.content))

@@ -51,7 +51,9 @@ def test_untrusted_xff_does_not_change_the_country(origin: ThreadServer, tmp_pat
         assert answer["private"] is True and answer["country"] in ("", None)
 
 
-def test_trusted_proxy_chain_sets_country_headers_deny_and_answer(origin: ThreadServer, tmp_path: Path) -> None:
+def test_trusted_proxy_chain_sets_country_headers_deny_and_answer(
+    origin: ThreadServer, tmp_path: Path
+) -> None:
     db = write_mmdb(tmp_path / "city.mmdb", CITY, database_type="GeoLite2-City")
     with gateway_server(config(origin.port, db, 'trusted_proxies = ["127.0.0.1/32"]'), tmp_path) as gw:
         r = httpx.get(gw.url + "/echo", headers={"x-forwarded-for": "81.2.69.142", "x-geo-country": "US"})

@@ -119,6 +119,15 @@ def test_every_error_is_reported_at_once() -> None:
     assert len(errors) == 3
 
 
+def test_a_broken_filter_or_upstream_is_reported_once_not_at_each_reference() -> None:
+    errors = errors_of(
+        BASE
+        + '[filters.f]\nmodule = "nope.wasm"\n[upstreams.bad]\ntargets = []\n'
+        + '[[routes]]\nname = "r"\nfilters = ["f"]\nupstream = "bad"\n'
+    )
+    assert [e.split(":")[1].strip() for e in errors] == ["upstreams.bad.targets", "filters.f.module"], errors
+
+
 def test_invalid_toml_names_file() -> None:
     errors = errors_of("[server\n")
     assert errors[0].startswith("gateway.toml: invalid TOML:")
@@ -163,3 +172,21 @@ def test_builtin_filter_modules() -> None:
     assert config.filters["t"].module.name == "transform.wasm" and config.filters["t"].module.is_file()
     errors = errors_of('[filters.t]\nmodule = "builtin:nope"\n')
     assert errors[0].startswith('gateway.toml: filters.t.module: "builtin:nope": no bundled filter \'nope\'')
+
+
+def test_reload_and_drain_keys(tmp_path: Path) -> None:
+    (tmp_path / "g.toml").write_text(
+        '[server]\npid_file = "run/g.pid"\nwatch_config = true\nwatch_interval = 0.5\n'
+        "[server.timeouts]\ndrain_delay = 0\n"
+    )
+    config = load_config(tmp_path / "g.toml", env={})
+    assert config.server.pid_file == tmp_path / "run" / "g.pid"  # relative to the config file
+    assert (config.server.watch_config, config.server.watch_interval) == (True, 0.5)
+    assert config.server.timeouts.drain_delay == 0.0
+    assert parse_config("").server.timeouts.drain_delay == 0.0 and not parse_config("").server.watch_config
+    assert errors_of("[server.timeouts]\ndrain_delay = -1\n") == [
+        "gateway.toml: server.timeouts.drain_delay: -1 is out of range (expected a number of seconds >= 0)"
+    ]
+    assert errors_of("[server]\nwatch_config = 1\n") == [
+        "gateway.toml: server.watch_config: expected true or false, got 1"
+    ]

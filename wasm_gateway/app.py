@@ -19,25 +19,21 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from enum import Enum
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 import orjson
 
-from .config import GatewayConfig, RouteConfig, UpstreamConfig, load_config
+from .config import GatewayConfig, RouteConfig, load_config
 from .exceptions import ConfigError, GatewayError, UpstreamError, UpstreamTimeoutError
 from .filtering import (
     FilterHeaders,
-    RuntimeMetrics,
-    filter_specs,
     from_filter_request,
     from_filter_response,
     local_response_parts,
-    module_exports,
-    perform_http_call,
     sync_runtime_metrics,
     to_filter_request,
     to_filter_response,
@@ -50,16 +46,26 @@ from .forwarding import (
     response_headers,
     upstream_request_headers,
 )
-from .geo import GeoDatabase
+from .generation import Generation, build_generation, check_app_routes, restart_only_changes
+from .generation import RouteFilters as _RouteFilters
 from .logs import AccessLog, configure_logging
-from .metrics import CONTENT_TYPE_LATEST, exposition, gateway_metrics, state_error_counter
-from .routing import PathRejected, RouteTable, canonicalize, normalize_host
-from .runtime.chain import ChainStream, Decision, DecisionKind, FilterChain, FilterRuntime
-from .runtime.context import HttpCallRequest, HttpCallResponse, LocalResponse, RequestInfo
-from .runtime.services import SharedServices
+from .metrics import (
+    CONTENT_TYPE_LATEST,
+    exposition,
+    gateway_metrics,
+    initialize_gateway_series,
+    multiprocess_dir,
+    reload_metrics,
+    state_error_counter,
+    use_multiprocess_dir,
+)
+from .reload import PROCESS_SIGNALS_ENV, ProcessSignals, digest_of, module_paths, read_config, watch_files
+from .routing import PathRejected, canonicalize, normalize_host
+from .runtime.chain import ChainStream, Decision, DecisionKind, FilterRuntime
+from .runtime.context import LocalResponse, RequestInfo
 from .state import SharedState, open_state
 from .types import ASGIApp, Headers, Message, Receive, Scope, Send
-from .upstream import BodySource, RequestBodyError, UpstreamPool, UpstreamResponse, UpstreamSettings
+from .upstream import BodySource, RequestBodyError, UpstreamPool, UpstreamResponse
 
 __all__ = ["Gateway", "WasmGateway", "create_app"]
 
@@ -97,47 +103,36 @@ class Gateway:
         self.config = config
         self.app = app
         self.state = Lifecycle.NEW
-        self.table = RouteTable(config.routes)
-        self.pools: dict[str, UpstreamPool] = {}
+        check_app_routes(config, app is not None)
+        # Everything derived from config; each request reads it once. startup() builds it whole (pools and
+        # filters); reload() builds the next one beside it and swaps the reference.
+        self.generation = Generation(config, "", {}, None, {}, None)
         self._start_lock: asyncio.Lock | None = None
         server = config.server
         # Unmatched requests go to the wrapped app in middleware mode unless the config says "404".
         self._fallback: ASGIApp | None = app if server.unmatched != "404" else None
-        if app is None:
-            for index, route in enumerate(config.routes):
-                if route.target_is_app:
-                    raise ConfigError(
-                        f"{config.source}: routes[{index}] ({route.name}): app = true, but no ASGI app is wrapped "
-                        "(use WasmGateway(app, config=...) or give the route an upstream)"
-                    )
         self._max_body = server.max_request_body_bytes
         self._request_id_header = server.request_id_header.encode()
-        via = f"1.1 {server.via}".encode()
-        self._policies = {
-            name: ForwardingPolicy(
-                trusted_proxies=config.trusted_proxies,
-                via=via,
-                request_id_header=self._request_id_header,
-                rewrite_host=upstream.targets[0].authority.encode()
-                if upstream.host_header == "rewrite" and upstream.targets
-                else None,
-            )
-            for name, upstream in config.upstreams.items()
-        }
-        self._policy = ForwardingPolicy(
-            trusted_proxies=config.trusted_proxies, via=via, request_id_header=self._request_id_header
-        )
         self.metrics = gateway_metrics() if config.metrics.enabled else None
         self.access_log = AccessLog(config.log) if config.log.access_log else None
         self._reserved: dict[str, Any] = {server.health_path: self._healthz, server.ready_path: self._readyz}
         if config.metrics.enabled and config.metrics.port is None:
             self._reserved[config.metrics.path] = self._metrics_endpoint
         self._metrics_server: asyncio.AbstractServer | None = None
-        self.runtime: FilterRuntime | None = None
         self.state_store: SharedState | None = None
-        self.geo: GeoDatabase | None = None
-        self._route_filters: dict[str, _RouteFilters] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._reload_lock: asyncio.Lock | None = None
+        self._retiring: dict[asyncio.Task[None], Generation] = {}
+        self._signals: ProcessSignals | None = None
+        self.last_reload: dict[str, Any] = {"result": "none"}
+
+    @property
+    def pools(self) -> dict[str, UpstreamPool]:
+        return self.generation.pools
+
+    @property
+    def runtime(self) -> FilterRuntime | None:
+        return self.generation.runtime
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -146,97 +141,192 @@ class Gateway:
         if self.state is not Lifecycle.NEW:
             return
         self.state = Lifecycle.STARTING
-        t = self.config.server.timeouts
-        for name, upstream in self.config.upstreams.items():
-            self.pools[name] = UpstreamPool(_settings(upstream, t.upstream_connect, t.upstream_read))
-        if self.config.filters:
-            try:
-                self.geo = GeoDatabase.from_config(self.config.geo)
-                self._load_filters()
-            except BaseException:
-                self.state = Lifecycle.NEW
-                if self.geo is not None:
-                    self.geo.close()
-                    self.geo = None
-                for pool in self.pools.values():
-                    await pool.close()
-                self.pools.clear()
-                raise
-        if self.config.metrics.enabled and self.config.metrics.port is not None:
+        config = self.config
+        try:
+            self.generation = await build_generation(
+                config, digest_of(config), state=self._state, metrics=config.metrics.enabled
+            )
+        except BaseException:
+            self.state = Lifecycle.NEW
+            if self.state_store is not None:
+                self.state_store.close()
+                self.state_store = None
+            raise
+        if self.metrics is not None:
+            initialize_gateway_series(self.metrics, config.upstreams)
+            self.sync_metrics()
+            self._tasks.append(asyncio.get_running_loop().create_task(self._sync_metrics_forever()))
+        if config.metrics.enabled and config.metrics.port is not None:
             self._metrics_server = await _start_metrics_server(
-                self.config.server.host, self.config.metrics.port
+                config.server.host, config.metrics.port, self.sync_metrics
+            )
+        if config.metrics.enabled:
+            self._count_reload(None, self.generation.digest, "")
+        if os.environ.get(PROCESS_SIGNALS_ENV) == "1":
+            signals = ProcessSignals(self._reload_soon, self.drain, config.server.timeouts.drain_delay)
+            if signals.install():
+                self._signals = signals
+        if config.server.watch_config:
+            self._tasks.append(
+                asyncio.get_running_loop().create_task(
+                    watch_files(self._watched_paths, config.server.watch_interval, self._reload_if_changed)
+                )
             )
         # Start-up objects (modules, pools, config) live as long as the process: keep them out of the
         # collector's generations so its pauses stay short on the request path.
         gc.freeze()
         self.state = Lifecycle.READY
 
-    def _load_filters(self) -> None:
-        """Compile (or deserialise), link, start and configure every filter; build each route's chain."""
-        config = self.config
-        observer = RuntimeMetrics() if config.metrics.enabled else None
-        self.state_store = state = open_state(
-            config.state, on_error=state_error_counter() if observer else None
-        )
-        try:
-            runtime = FilterRuntime.load(
-                filter_specs(config),
-                cache_dir=config.cache_dir,
-                http_call=self._filter_http_call,
-                observer=observer,
-                shared=SharedServices(shared_data=state.shared_data, queues=state.queues),
-                max_buffer_bytes=max(f.max_body_bytes for f in config.filters.values()),
-                # A Prometheus observe costs ~2 us, a filter callback a few: time one request in eight.
-                callback_timing_every=8,
-            )
-        except BaseException:
-            state.close()
-            self.state_store = None
-            raise
-        self.runtime = runtime
-        for route in config.routes:
-            if not route.filters:
-                continue
-            names = route.filters
-            response_body = module_exports(runtime, names, "proxy_on_response_body")
-            self._route_filters[route.name] = _RouteFilters(
-                chain=runtime.chain(names),
-                request_body=module_exports(runtime, names, "proxy_on_request_body"),
-                response_phase=response_body or module_exports(runtime, names, "proxy_on_response_headers"),
-                response_body=response_body,
-            )
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(runtime.run_background()))
-        if observer is not None:
-            self._tasks.append(loop.create_task(self._sync_metrics_forever(runtime)))
+    def _state(self) -> SharedState:
+        """The process's shared-state store (opened on first use; outlives generations)."""
+        if self.state_store is None:
+            on_error = state_error_counter(self.config.state.backend) if self.config.metrics.enabled else None
+            self.state_store = open_state(self.config.state, on_error=on_error)
+        return self.state_store
 
-    async def _filter_http_call(self, request: HttpCallRequest) -> HttpCallResponse:
-        return await perform_http_call(self.pools, request)
+    def sync_metrics(self, generation: Generation | None = None) -> None:
+        """Copy what the request path, the runtime and the upstream pools count in plain ints into Prometheus
+        (every second, before each exposition so a scrape sees this worker's counts up to date, and once more
+        for a generation being retired)."""
+        metrics = self.metrics
+        if metrics is None:
+            return
+        metrics.flush()
+        gen = generation or self.generation
+        seen = gen.metrics_seen  # per generation: a reloaded runtime and its pools count from zero again
+        if gen.runtime is not None:
+            sync_runtime_metrics(gen.runtime, seen)
+        for name, pool in gen.pools.items():
+            targets, healthy, ejections = pool.health()
+            metrics.upstream_targets.labels(name).set(targets)
+            metrics.upstream_healthy_targets.labels(name).set(healthy)
+            key = ("ejections", name)
+            delta = ejections - seen.get(key, 0)
+            if delta > 0:
+                metrics.upstream_ejections.labels(name).inc(delta)
+                seen[key] = ejections
 
-    async def _sync_metrics_forever(self, runtime: FilterRuntime) -> None:
-        state: dict[object, int] = {}
+    async def _sync_metrics_forever(self) -> None:
         while True:
-            sync_runtime_metrics(runtime, state)
             await asyncio.sleep(1.0)
+            try:
+                self.sync_metrics()
+            except Exception:  # metrics must never take the gateway down
+                logger.exception("copying metrics failed")
+
+    # -- reload ---------------------------------------------------------------------------------------------------
+
+    async def reload(self, config: GatewayConfig | None = None, *, only_if_changed: bool = False) -> bool:
+        """Load the config file again (or take ``config``) and every filter module beside the running ones,
+        and switch to them only if all of it loads. Requests in flight finish on the version they started
+        with; the old version is closed after its last request. False on failure: the running version keeps
+        serving, and the reason is logged, counted and shown in /readyz."""
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        async with self._reload_lock:
+            if self.state is not Lifecycle.READY:
+                logger.warning("reload ignored: the gateway is %s", self.state.value)
+                return False
+            old = self.generation
+            try:
+                if config is None:
+                    config, digest = read_config(Path(self.config.source))
+                else:
+                    digest = digest_of(config)
+                if only_if_changed and digest == old.digest:
+                    return True
+                changed = restart_only_changes(self.config, config)
+                if changed:
+                    raise ConfigError(
+                        f"{config.source}: {', '.join(changed)} changed, which only a restart applies "
+                        "(a reload applies upstreams, filters, routes, trusted_proxies, geo, cache_dir and "
+                        "upstream timeouts)"
+                    )
+                check_app_routes(config, self.app is not None)
+                new = await build_generation(
+                    config, digest, state=self._state, metrics=config.metrics.enabled, in_thread=True
+                )
+            except Exception as exc:
+                logger.error("reload failed; still serving config %s: %s", old.digest, exc)
+                self.last_reload = {"result": "failure", "error": str(exc), "at": time.time()}
+                if self.config.metrics.enabled:
+                    self._count_reload(None, None, "failure")
+                return False
+            if self.state is not Lifecycle.READY:  # draining started while the new version loaded
+                await new.close()
+                return False
+            self.generation = new
+            self.config = config
+            self.last_reload = {"result": "success", "at": time.time()}
+            if config.metrics.enabled:
+                self._count_reload(old.digest, new.digest, "success")
+            logger.info("reloaded: config %s -> %s", old.digest, new.digest)
+            task = asyncio.get_running_loop().create_task(self._retire(old))
+            self._retiring[task] = old
+            task.add_done_callback(self._retired)
+            return True
+
+    async def _retire(self, old: Generation) -> None:
+        """Close ``old`` once the last request that started on it has finished."""
+        while old.active:
+            await asyncio.sleep(0.05)
+        try:
+            self.sync_metrics(old)  # what its runtime and pools counted since the last copy
+        except Exception:
+            logger.exception("copying metrics failed")
+        await old.close()
+        # Start-up froze the heap (see startup): let the collector see the retired generation's cycles.
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+
+    def _retired(self, task: asyncio.Task[None]) -> None:
+        self._retiring.pop(task, None)
+
+    def _count_reload(self, old_digest: str | None, new_digest: str | None, result: str) -> None:
+        m = reload_metrics()
+        if result:
+            m.reloads.labels(result).inc()
+        m.last_reload_successful.set(0 if result == "failure" else 1)
+        if old_digest is not None and old_digest != new_digest:
+            m.config_info.labels(old_digest).set(0)
+        if new_digest is not None:
+            m.config_info.labels(new_digest).set(1)
+
+    def _reload_soon(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._tasks.append(task)
+        task.add_done_callback(self._forget_task)
+
+    def _forget_task(self, task: asyncio.Task[Any]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
+
+    async def _reload_if_changed(self) -> None:
+        await self.reload(only_if_changed=True)
+
+    def _watched_paths(self) -> list[Path]:
+        return [Path(self.config.source), *module_paths(self.config).values()]
 
     async def shutdown(self) -> None:
         if self.state is Lifecycle.CLOSED:
             return
         self.state = Lifecycle.CLOSED
-        for task in self._tasks:
+        if self._signals is not None:
+            self._signals.restore()
+            self._signals = None
+        retiring = list(self._retiring.values())  # the server has let their requests finish by now
+        tasks = [*self._tasks, *self._retiring]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        if self.runtime is not None:
-            self.runtime.close()
+        for generation in (*retiring, self.generation):
+            await generation.close()
         if self.state_store is not None:
             await self.state_store.aclose()
-        if self.geo is not None:
-            self.geo.close()
-        for pool in self.pools.values():
-            await pool.close()
         if self._metrics_server is not None:
             self._metrics_server.close()
         if self.access_log is not None:
@@ -259,8 +349,12 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            if self.state is not Lifecycle.READY and self.state is not Lifecycle.DRAINING:
-                await self._ensure_started()
+            state = self.state
+            if state is not Lifecycle.READY:
+                if state is Lifecycle.DRAINING:
+                    send = _closing_connection(send)
+                else:
+                    await self._ensure_started()
             await self._http(scope, receive, send)
         elif kind == "websocket":
             if self.state is Lifecycle.NEW:
@@ -300,6 +394,7 @@ class Gateway:
         headers: Headers = scope["headers"]
         peer = scope["client"][0] if scope.get("client") else None
         exchange = _Exchange(self, scope, method, started, peer)
+        generation = exchange.generation
         try:
             canonical = canonicalize(raw_path)
         except PathRejected as exc:
@@ -321,7 +416,7 @@ class Gateway:
         if not host or not _valid_host(host):
             await exchange.error(send, 400, "bad_request", "missing or invalid Host header", "host")
             return
-        match = self.table.match(normalize_host(host.decode("latin-1")), path, method)
+        match = generation.table.match(normalize_host(host.decode("latin-1")), path, method)
         route = match.route
         if route is None:
             if self._fallback is not None:
@@ -361,9 +456,11 @@ class Gateway:
             return
         metrics = self.metrics
         if metrics is not None:
-            metrics.in_flight.inc()
+            metrics.requests_in_flight.value += 1
+        # Nothing was awaited since the generation was read, so a reload cannot have retired it yet.
+        generation.active += 1
         try:
-            filters = self._route_filters.get(route.name) if self._route_filters else None
+            filters = generation.route_filters.get(route.name) if generation.route_filters else None
             if route.upstream is None and filters is not None:
                 await self._to_app_filtered(
                     exchange, route, filters, scope, receive, send, host, path, body_length, chunked
@@ -373,8 +470,9 @@ class Gateway:
             else:
                 await self._proxy(exchange, route, scope, receive, send, host, path, body_length, chunked)
         finally:
+            generation.active -= 1
             if metrics is not None:
-                metrics.in_flight.dec()
+                metrics.requests_in_flight.value -= 1
 
     async def _proxy(
         self,
@@ -392,7 +490,7 @@ class Gateway:
         upstream_name = route.upstream
         method = exchange.method
         headers: Headers = scope["headers"]
-        policy = self._policies[upstream_name]
+        policy = exchange.generation.policies[upstream_name]
         peer = exchange.peer
         request_id = exchange.identify(headers, policy)
         scheme = scope.get("scheme", "http")
@@ -407,7 +505,7 @@ class Gateway:
         )
         query: bytes = scope.get("query_string", b"")
         target = path + "?" + query.decode("latin-1") if query else path
-        filters = self._route_filters.get(route.name)
+        filters = exchange.generation.route_filters.get(route.name)
         stream: ChainStream | None = None
         try:
             try:
@@ -427,6 +525,8 @@ class Gateway:
                         out_headers,
                         body_length,
                         chunked,
+                        upstream_headers=True,
+                        rewrite_host=policy.rewrite_host,
                     )
                     method, target, out_headers, body = request
             except _RequestEnded as ended:
@@ -477,7 +577,7 @@ class Gateway:
         request_id = exchange.request_id or b"-"
         started = time.perf_counter()
         try:
-            response = await self.pools[upstream_name].request(
+            response = await exchange.generation.pools[upstream_name].request(
                 method, target, headers, body, idempotent=method in _IDEMPOTENT
             )
         except _RequestEnded as ended:
@@ -570,7 +670,7 @@ class Gateway:
             protocol="HTTP/" + scope.get("http_version", "1.1"),
             route_name=route.name,
             upstream_address=upstream,
-            extra=self.geo.properties_for(exchange.client) if self.geo is not None else {},
+            extra=geo.properties_for(exchange.client) if (geo := exchange.generation.geo) is not None else {},
         )
 
     async def _filter_request(
@@ -586,13 +686,19 @@ class Gateway:
         headers: Headers,
         body_length: int | None,
         chunked: bool,
+        *,
+        upstream_headers: bool = False,
+        rewrite_host: bytes | None = None,
     ) -> tuple[str, str, Headers, BodySource]:
-        """Run the request phase; the request to forward. Raises _LocalAnswer when a filter answers."""
+        """Run the request phase; the request to forward. Raises _LocalAnswer when a filter answers.
+
+        ``upstream_headers``: ``headers`` are already those for the upstream (framing stripped), so when the
+        filters leave them as they were they are forwarded as they are. ``rewrite_host`` replaces the Host the
+        filters saw (the client's) unless a filter set ``:authority`` itself."""
         has_body = chunked or bool(body_length)
         small = body_length is not None and 0 < body_length <= _SMALL_BODY
-        d = await stream.on_request_headers(
-            to_filter_request(method, target, host, scheme, headers), not has_body
-        )
+        seen = to_filter_request(method, target, host, scheme, headers)
+        d = await stream.on_request_headers(seen, not has_body)
         released = _check(d)
         pre_body: list[bytes] = [d.body] if d.body else []
         complete = not has_body
@@ -619,9 +725,14 @@ class Gateway:
                         break
         if released is None:
             raise _LocalAnswer(_filter_error_response("filter kept the request paused"))
-        method, target, _, out_headers = from_filter_request(released)
-        if not method or not valid_target(target):
-            raise _LocalAnswer(_filter_error_response("filter produced an invalid :method or :path"))
+        if upstream_headers and released == seen:
+            out_headers = headers  # untouched by the filters (a list compare is far cheaper than re-encoding)
+        else:
+            method, target, authority, out_headers = from_filter_request(released)
+            if not method or not valid_target(target):
+                raise _LocalAnswer(_filter_error_response("filter produced an invalid :method or :path"))
+            if rewrite_host is not None and authority == host:
+                out_headers[0] = (b"host", rewrite_host)
         if complete:
             data = b"".join(pre_body)
             return method, target, out_headers, BodySource(data or None, len(data) if data else None)
@@ -644,11 +755,24 @@ class Gateway:
         )
         no_body = exchange.method == "HEAD" or response.status in (204, 304) or response.status < 200
         relay = _ResponseRelay(exchange, send, stream, filters.response_body)
-        if not await relay.start(response.status, headers, no_body):
+        # A small answer arrives whole with its head: body filters then see it in one piece with end of
+        # stream (and the client gets its exact length instead of chunks).
+        whole = None if no_body or not filters.response_body else response.complete_body()
+        if not await relay.start(response.status, headers, no_body, defer=whole is not None):
             return
         if no_body:
             await relay.finish_empty()
             return
+        if whole is not None:
+            await relay.body(whole, True)
+            return
+        if relay.started and not filters.response_body:
+            # Headers-only filters: a small answer goes out in one body message, as on unfiltered routes.
+            whole = response.complete_body()
+            if whole is not None:
+                relay.sent = exchange.bytes_sent = len(whole)
+                await send({"type": "http.response.body", "body": whole})
+                return
         try:
             async for chunk in response.body():
                 if not await relay.body(chunk, False):
@@ -663,7 +787,7 @@ class Gateway:
     ) -> None:
         assert self.app is not None
         headers: Headers = scope["headers"]
-        request_id = exchange.identify(headers, self._policy)
+        request_id = exchange.identify(headers, exchange.generation.policy)
         app_scope = dict(scope)
         app_scope["path"] = unquote(path)
         app_scope["raw_path"] = path.encode("ascii")
@@ -730,7 +854,7 @@ class Gateway:
         """An ``app = true`` route with filters: request phase, the wrapped app in-process, response phase."""
         assert self.app is not None
         headers: Headers = scope["headers"]
-        request_id = exchange.identify(headers, self._policy)
+        request_id = exchange.identify(headers, exchange.generation.policy)
         query: bytes = scope.get("query_string", b"")
         target = path + "?" + query.decode("latin-1") if query else path
         app_headers = [
@@ -867,7 +991,8 @@ class Gateway:
             await send({"type": "websocket.close", "code": 1008})
             return
         host = next((v for n, v in scope["headers"] if n == b"host"), b"")
-        match = self.table.match(normalize_host(host.decode("latin-1")), canonical.path, "GET")
+        generation = self.generation
+        match = generation.table.match(normalize_host(host.decode("latin-1")), canonical.path, "GET")
         route = match.route
         if route is None:
             if self._fallback is not None:
@@ -885,8 +1010,8 @@ class Gateway:
             assert self.app is not None
             await self.app(scope, receive, send)
             return
-        upstream = self.config.upstreams[route.upstream]
-        policy = self._policies[route.upstream]
+        upstream = generation.config.upstreams[route.upstream]
+        policy = generation.policies[route.upstream]
         peer = scope["client"][0] if scope.get("client") else None
         request_id = request_id_for(scope["headers"], peer, policy)
         client = client_address(peer, _xff(scope["headers"], peer, policy), policy)
@@ -908,7 +1033,7 @@ class Gateway:
             upstream.targets,
             target,
             forwarded,
-            self.config.server.timeouts.upstream_connect,
+            generation.config.server.timeouts.upstream_connect,
         )
 
     # -- reserved endpoints ---------------------------------------------------------------------------------------
@@ -918,11 +1043,14 @@ class Gateway:
 
     async def _readyz(self, send: Send) -> None:
         ready = self.state is Lifecycle.READY
+        generation = self.generation
         body: dict[str, Any] = {"status": "ready" if ready else self.state.value}
-        body["upstreams"] = {name: pool.stats() for name, pool in self.pools.items()}
+        body["config"] = {"hash": generation.digest, "reload": self.last_reload, "worker": os.getpid()}
+        body["upstreams"] = {name: pool.stats() for name, pool in generation.pools.items()}
         await _send_json(send, 200 if ready else 503, body)
 
     async def _metrics_endpoint(self, send: Send) -> None:
+        self.sync_metrics()
         data = exposition()
         await send(
             {
@@ -943,15 +1071,6 @@ class _LocalAnswer(_RequestEnded):
     def __init__(self, response: LocalResponse) -> None:
         super().__init__(response.status)
         self.response = response
-
-
-@dataclass(frozen=True, slots=True)
-class _RouteFilters:
-    chain: FilterChain
-    request_body: bool
-    """Some filter exports ``proxy_on_request_body`` (else the body streams past the chain untouched)."""
-    response_phase: bool
-    response_body: bool
 
 
 def _check(d: Decision) -> FilterHeaders | None:
@@ -1117,6 +1236,7 @@ class _Exchange:
         "client",
         "extra_headers",
         "gateway",
+        "generation",
         "method",
         "path",
         "peer",
@@ -1131,6 +1251,8 @@ class _Exchange:
 
     def __init__(self, gateway: Gateway, scope: Scope, method: str, started: float, peer: str | None) -> None:
         self.gateway = gateway
+        # The one read per request: everything derived from config comes from it.
+        self.generation = gateway.generation
         self.scope = scope
         self.method = method
         self.started = started
@@ -1149,7 +1271,7 @@ class _Exchange:
     async def error(self, send: Send, status: int, error: str, detail: str, reason: str | None) -> None:
         gateway = self.gateway
         if self.request_id is None:
-            self.request_id = request_id_for(self.scope["headers"], self.peer, gateway._policy)
+            self.request_id = request_id_for(self.scope["headers"], self.peer, self.generation.policy)
         request_id = self.request_id
         body = orjson.dumps(
             {"error": error, "status": status, "detail": detail, "request_id": request_id.decode()}
@@ -1203,9 +1325,9 @@ class _Exchange:
             status = self.status or 499
             metrics.request_child(self.route, self.method, status).observe(duration)
             if self.request_bytes:
-                metrics.request_bytes.labels(self.route).inc(self.request_bytes)
+                metrics.request_bytes_child(self.route).inc(self.request_bytes)
             if self.bytes_sent:
-                metrics.response_bytes.labels(self.route).inc(self.bytes_sent)
+                metrics.response_bytes_child(self.route).inc(self.bytes_sent)
         access_log = gateway.access_log
         if access_log is not None:
             access_log.record(
@@ -1268,20 +1390,6 @@ class _LifespanBridge:
             await send({"type": "lifespan.shutdown.complete"})
 
 
-def _settings(upstream: UpstreamConfig, connect: float, read: float) -> UpstreamSettings:
-    return UpstreamSettings(
-        name=upstream.name,
-        targets=upstream.targets,
-        max_connections_per_target=upstream.keepalive,
-        max_idle_per_target=upstream.keepalive,
-        connect_timeout=upstream.connect_timeout or connect,
-        read_timeout=upstream.read_timeout or read,
-        retries=upstream.retries,
-        eject_after_failures=upstream.eject_after_failures,
-        eject_seconds=upstream.eject_seconds,
-    )
-
-
 def _xff(headers: Headers, peer: str | None, policy: ForwardingPolicy) -> list[bytes]:
     if not policy.trusted_proxies or peer is None or not policy.is_trusted(peer):
         return []
@@ -1329,6 +1437,18 @@ async def _read_body(receive: Receive) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+def _closing_connection(send: Send) -> Send:
+    """While draining: every response asks the client to close its connection (and reconnect elsewhere)."""
+
+    async def closing_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [h for h in message.get("headers", ()) if h[0].lower() != b"connection"]
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        await send(message)
+
+    return closing_send
+
+
 async def _send_json(send: Send, status: int, data: object) -> None:
     body = orjson.dumps(data)
     await send(
@@ -1341,12 +1461,13 @@ async def _send_json(send: Send, status: int, data: object) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _start_metrics_server(host: str, port: int) -> asyncio.AbstractServer:
+async def _start_metrics_server(host: str, port: int, before: Callable[[], None]) -> asyncio.AbstractServer:
     """A minimal HTTP/1.0 responder for /metrics on its own port (kept off the proxy listener)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            before()
             data = exposition()
             writer.write(
                 b"HTTP/1.0 200 OK\r\ncontent-type: "
@@ -1362,7 +1483,8 @@ async def _start_metrics_server(host: str, port: int) -> asyncio.AbstractServer:
         finally:
             writer.close()
 
-    return await asyncio.start_server(handle, host, port)
+    # Workers of one server each serve the port (the kernel spreads scrapes; each answers with the sum).
+    return await asyncio.start_server(handle, host, port, reuse_port=multiprocess_dir() is not None)
 
 
 def WasmGateway(app: ASGIApp, config: GatewayConfig | str | os.PathLike[str]) -> Gateway:
@@ -1385,4 +1507,29 @@ def create_app(config: GatewayConfig | str | os.PathLike[str] | None = None) -> 
     elif not isinstance(config, GatewayConfig):
         config = load_config(config)
     configure_logging(config.log)
+    if config.metrics.enabled:
+        _factory_metrics_dir()
     return Gateway(config)
+
+
+def _factory_metrics_dir() -> None:
+    """Metrics that add up when a server runs the factory in several worker processes.
+
+    ``wasm-gateway serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` before its workers start. Other servers
+    (``uvicorn --factory --workers N``, gunicorn) may not: a scrape would then see one worker's counts. A
+    worker of such a server (a multiprocessing child, or a gunicorn worker) without the variable shares
+    ``$TMPDIR/wasm-gateway-metrics-<supervisor pid>`` with its siblings.
+    """
+    import multiprocessing
+    import sys
+    import tempfile
+
+    path = multiprocess_dir()
+    if path is None:
+        if multiprocessing.parent_process() is None and "gunicorn" not in sys.modules:
+            return  # a single process: the in-memory registry is right
+        path = os.path.join(tempfile.gettempdir(), f"wasm-gateway-metrics-{os.getppid()}")
+    try:
+        use_multiprocess_dir(path)
+    except (OSError, RuntimeError) as exc:
+        logger.warning("metrics directory %s unusable (%s): each worker reports its own metrics", path, exc)

@@ -1,4 +1,4 @@
-"""Command line: ``wasm-gateway serve | check | compile | version``. The only module that prints and exits."""
+"""Command line: ``wasm-gateway serve | check | compile | reload | version``. The only module that prints and exits."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
     serve.add_argument("--workers", type=int, help="worker processes (overrides server.workers)")
+    serve.add_argument("--pid-file", help="write the process id here (overrides server.pid_file)")
 
     check = sub.add_parser("check", help="validate a config and load every filter module; exit 0 or 1")
     check.add_argument("--config", "-c", required=True)
@@ -35,6 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     compile_ = sub.add_parser("compile", help="precompile a Wasm module for this wasmtime and machine")
     compile_.add_argument("module")
     compile_.add_argument("-o", "--output", required=True)
+
+    reload = sub.add_parser(
+        "reload",
+        help="validate a config, then make the running gateway load it (SIGHUP to the pid in the pid file)",
+    )
+    reload.add_argument("--config", "-c", help="the running gateway's config file (validated first)")
+    reload.add_argument("--pid-file", help="the running gateway's pid file (default: server.pid_file)")
+    reload.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for /readyz to show the new config"
+    )
+    reload.add_argument("--no-wait", action="store_true", help="send the signal and return")
+    reload.add_argument("--workers", type=int, help="worker processes to wait for (default: server.workers)")
 
     sub.add_parser("version", help="print versions")
 
@@ -46,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             return _check(args.config)
         if args.command == "compile":
             return _compile(args.module, args.output)
+        if args.command == "reload":
+            return _reload(args)
         return _version()
     except GatewayError as exc:
         print(f"wasm-gateway: {exc}", file=sys.stderr)
@@ -55,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _version() -> int:
-    import wasmtime
+    from .runtime.engine import WASMTIME_VERSION  # wasmtime-py has no __version__
 
     print(f"wasm-gateway {__version__}")
     print(f"python {platform.python_version()}")
-    print(f"wasmtime {getattr(wasmtime, '__version__', 'unknown')}")
+    print(f"wasmtime {WASMTIME_VERSION}")
     return 0
 
 
@@ -95,6 +110,7 @@ def _compile(module: str, output: str) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from .examples import DEMO_ORIGIN_ENV, default_config_path
+    from .reload import PROCESS_SIGNALS_ENV
     from .server import ServeOptions, limits_for, serve
 
     env: dict[str, str] = {}
@@ -119,6 +135,8 @@ def _serve(args: argparse.Namespace) -> int:
     workers = args.workers or server.workers
     env["WASM_GATEWAY_CONFIG"] = str(config_path)
     os.environ["WASM_GATEWAY_CONFIG"] = str(config_path)
+    env[PROCESS_SIGNALS_ENV] = "1"  # SIGHUP reloads, SIGTERM drains (see reload.py)
+    pid_file = args.pid_file or (str(server.pid_file) if server.pid_file else None)
 
     def started(bound_host: str, bound_port: int) -> None:
         base = f"http://{'127.0.0.1' if bound_host in ('0.0.0.0', '::') else bound_host}:{bound_port}"
@@ -158,8 +176,85 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_multiproc_dir=_multiproc_dir(workers),
         env=env,
         on_started=started,
+        pid_file=pid_file,
     )
     return serve(options)
+
+
+def _reload(args: argparse.Namespace) -> int:
+    """Validate the config (and load its filters), signal the gateway, wait until /readyz shows it."""
+    import signal
+    import time
+
+    config: GatewayConfig | None = None
+    digest: str | None = None
+    if args.config:
+        from .reload import read_config
+
+        config, digest = read_config(Path(args.config).resolve())
+        problems = _check_filters(config)
+        if problems:
+            for problem in problems:
+                print(problem, file=sys.stderr)
+            print("wasm-gateway: not reloading: the running gateway keeps its config", file=sys.stderr)
+            return 1
+    pid_file = args.pid_file or (str(config.server.pid_file) if config and config.server.pid_file else None)
+    if pid_file is None:
+        print("wasm-gateway: reload needs --pid-file, or --config with server.pid_file set", file=sys.stderr)
+        return 1
+    try:
+        pid = int(Path(pid_file).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        reason = "no such process (stale pid file?)" if isinstance(exc, ProcessLookupError) else str(exc)
+        print(f"wasm-gateway: cannot signal the gateway from {pid_file}: {reason}", file=sys.stderr)
+        return 1
+    if args.no_wait or config is None or digest is None:
+        print(f"sent SIGHUP to {pid}")
+        return 0
+    deadline = time.monotonic() + args.timeout
+    state: dict[str, object] = {}
+    # With several workers each answer comes from one of them: ask on fresh connections until every worker
+    # has answered with the new config.
+    workers = args.workers or config.server.workers
+    switched: set[object] = set()
+    while time.monotonic() < deadline:
+        state = _ready_state(config)
+        if state.get("hash") == digest:
+            switched.add(state.get("worker"))
+            if len(switched) >= workers:
+                print(f"reloaded: config {digest}")
+                return 0
+        time.sleep(0.05)
+    reload_state = state.get("reload")
+    error = reload_state.get("error") if isinstance(reload_state, dict) else None
+    print(
+        f"wasm-gateway: the gateway did not switch to config {digest} within {args.timeout:g} s "
+        f"(it reports {state.get('hash', 'nothing')})" + (f": {error}" if error else ""),
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _ready_state(config: GatewayConfig) -> dict[str, object]:
+    """The ``config`` object of the gateway's /readyz answer (empty when it cannot be read)."""
+    import http.client
+
+    import orjson
+
+    host = config.server.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    try:
+        conn = http.client.HTTPConnection(host, config.server.port, timeout=2)
+        try:
+            conn.request("GET", config.server.ready_path, headers={"connection": "close"})
+            data = orjson.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+    except (OSError, ValueError, http.client.HTTPException):
+        return {}
+    found = data.get("config") if isinstance(data, dict) else None
+    return found if isinstance(found, dict) else {}
 
 
 def demo_token(secret: str, ttl: int = 86_400) -> str:

@@ -55,6 +55,9 @@ class TimeoutsConfig:
     upstream_read: float = 60.0
     idle: float = 5.0
     graceful_shutdown: float = 30.0
+    drain_delay: float = 0.0
+    """On SIGTERM, /readyz answers 503 at once while the listener keeps serving this long (so load balancers
+    stop sending), then in-flight requests get ``graceful_shutdown`` to finish."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,11 @@ class ServerConfig:
     unmatched: Literal["404", "app"] | None = None
     """What a request matching no route gets: "404" (JSON), or "app" (the wrapped ASGI app). Default: the app
     when one is wrapped (middleware mode), else 404."""
+    pid_file: Path | None = None
+    """Written by ``wasm-gateway serve`` (the process that takes SIGHUP), read by ``wasm-gateway reload``."""
+    watch_config: bool = False
+    """Reload when the config file or a filter module changes (polled every ``watch_interval`` seconds)."""
+    watch_interval: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -235,6 +243,7 @@ class _Validator:
         self.base_dir = base_dir
         self.env = env
         self.errors: list[str] = []
+        self.declared: dict[str, set[str]] = {"upstreams": set(), "filters": set()}
 
     # -- primitives -------------------------------------------------------------------------------------------
 
@@ -316,6 +325,13 @@ class _Validator:
             raise self.error(key, f"{value} is out of range (expected a number of seconds > 0)")
         return float(value)
 
+    def seconds_or_zero(self, key: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"expected a number of seconds, got {_show(value)}")
+        if value < 0:
+            raise self.error(key, f"{value} is out of range (expected a number of seconds >= 0)")
+        return float(value)
+
     def choice(self, *options: str) -> Callable[[str, object], Any]:
         # Any: the caller's field is a Literal of exactly these options.
         def check(key: str, value: object) -> Any:
@@ -376,6 +392,11 @@ class _Validator:
         server = self.server(raw.get("server", {}))
         upstreams = self.upstreams(raw.get("upstreams", {}))
         filters = self.filters(raw.get("filters", {}))
+        # Names of tables that are declared but invalid: their own errors are reported, references are not.
+        self.declared = {
+            section: set(raw[section]) if isinstance(raw.get(section), dict) else set()
+            for section in ("upstreams", "filters")
+        }
         routes = self.routes(raw.get("routes", []), upstreams, filters)
         trusted = self.trusted_proxies(raw.get("trusted_proxies", []))
         metrics = self.metrics(raw.get("metrics", {}))
@@ -426,6 +447,9 @@ class _Validator:
                 "request_id_header",
                 "via",
                 "unmatched",
+                "pid_file",
+                "watch_config",
+                "watch_interval",
             },
         )
         host, port = d.host, d.port
@@ -456,6 +480,9 @@ class _Validator:
             request_id_header=header_name.lower(),
             via=self.get(t, "server", "via", self.string, d.via),
             unmatched=self.get(t, "server", "unmatched", self.choice("404", "app"), None),
+            pid_file=self.get(t, "server", "pid_file", lambda k, v: self.base_dir / self.string(k, v), None),
+            watch_config=self.get(t, "server", "watch_config", self.boolean, d.watch_config),
+            watch_interval=self.get(t, "server", "watch_interval", self.seconds, d.watch_interval),
         )
 
     def header_name(self, key: str, value: object) -> str:
@@ -470,9 +497,26 @@ class _Validator:
         except _Invalid:
             return TimeoutsConfig()
         d = TimeoutsConfig()
-        names = ("header_read", "body_read", "upstream_connect", "upstream_read", "idle", "graceful_shutdown")
+        names = (
+            "header_read",
+            "body_read",
+            "upstream_connect",
+            "upstream_read",
+            "idle",
+            "graceful_shutdown",
+            "drain_delay",
+        )
         self.unknown_keys("server.timeouts", t, set(names))
-        values = {n: self.get(t, "server.timeouts", n, self.seconds, getattr(d, n)) for n in names}
+        values = {
+            n: self.get(
+                t,
+                "server.timeouts",
+                n,
+                self.seconds_or_zero if n == "drain_delay" else self.seconds,
+                getattr(d, n),
+            )
+            for n in names
+        }
         return TimeoutsConfig(**values)
 
     def host_port(self, key: str, value: object) -> tuple[str, int]:
@@ -806,7 +850,11 @@ class _Validator:
             raise self.error(key, 'give either upstream = "name" or app = true, not both')
         if "upstream" in t:
             upstream = self.get(t, key, "upstream", self.string, None)
-            if upstream is not None and upstream not in upstreams:
+            if (
+                upstream is not None
+                and upstream not in upstreams
+                and upstream not in self.declared["upstreams"]
+            ):
                 known = ", ".join(sorted(upstreams)) or "none defined"
                 raise self.error(f"{key}.upstream", f'unknown upstream "{upstream}" (known: {known})')
         elif not is_app:
@@ -823,7 +871,7 @@ class _Validator:
                 )
         route_filters = self.get(t, key, "filters", self.string_list, _NO_STRINGS)
         for j, f in enumerate(route_filters):
-            if f not in filters:
+            if f not in filters and f not in self.declared["filters"]:
                 known = ", ".join(sorted(filters)) or "none defined"
                 self.error(f"{key}.filters[{j}]", f'unknown filter "{f}" (known: {known})')
         return RouteConfig(

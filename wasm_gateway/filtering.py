@@ -4,6 +4,8 @@ filter-made outbound calls, and the Prometheus observer. Pure conversions; the r
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import chain
+from operator import itemgetter
 
 from .config import FilterConfig, GatewayConfig
 from .exceptions import FilterError, UpstreamError
@@ -28,6 +30,41 @@ FilterHeaders = list[tuple[str, str]]
 _HOP_OR_FRAMING = frozenset(
     {"content-length", "transfer-encoding", "connection", "keep-alive", "te", "upgrade"}
 )
+_DROP_FROM_FILTERS = frozenset(n.encode() for n in _HOP_OR_FRAMING) | {b"host"}
+_flat = chain.from_iterable
+_first = itemgetter(0)
+_PSEUDO_REQUEST = (":method", ":path", ":authority", ":scheme")  # as to_filter_request puts them
+
+# The conversions below run for every filtered request. Their fast paths turn a whole header list into one
+# string (one join, one decode or encode, one split: all in C) instead of converting pair by pair in Python;
+# NUL never occurs in a header, so a count mismatch (or anything unusual) falls back to the plain loop.
+
+
+def _pairs_as_str(headers: Headers) -> list[tuple[str, str]] | None:
+    parts = b"\0".join(_flat(headers)).decode("latin-1").split("\0")
+    if len(parts) != 2 * len(headers) or not headers:
+        return None
+    it = iter(parts)
+    return list(zip(it, it, strict=False))
+
+
+def _pairs_as_bytes(headers: FilterHeaders, skip: int) -> tuple[list[bytes], Headers] | None:
+    """(the first ``skip`` pairs flattened, the rest as byte pairs without those the gateway drops) when no
+    later name is a pseudo-header."""
+    parts = "\0".join(_flat(headers)).encode("latin-1").split(b"\0")
+    if len(parts) != 2 * len(headers) or len(headers) < skip:
+        return None
+    names = parts[2 * skip :: 2]
+    joined = b"\0".join(names)
+    if joined.startswith(b":") or b"\0:" in joined:
+        return None
+    it = iter(parts[2 * skip :])
+    pairs = list(zip(it, it, strict=False))
+    for name in _DROP_FROM_FILTERS.intersection(names):  # e.g. the upstream's Content-Length
+        while name in names:
+            i = names.index(name)
+            del names[i], pairs[i]
+    return parts[: 2 * skip], pairs
 
 
 def filter_specs(config: GatewayConfig) -> list[FilterSpec]:
@@ -88,12 +125,25 @@ def to_filter_request(
         (":authority", authority.decode("latin-1")),
         (":scheme", scheme),
     ]
-    out += [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers if n != b"host"]
+    pairs = _pairs_as_str(headers)
+    if pairs is None:
+        out += [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers if n != b"host"]
+        return out
+    names = list(map(_first, pairs))
+    while "host" in names:
+        i = names.index("host")
+        del names[i], pairs[i]
+    out += pairs
     return out
 
 
 def from_filter_request(headers: FilterHeaders) -> tuple[str, str, bytes, Headers]:
     """(method, target, authority, headers incl. host) from what the filters released."""
+    fast = _pairs_as_bytes(headers, 4) if tuple(map(_first, headers[:4])) == _PSEUDO_REQUEST else None
+    if fast is not None:
+        released = fast[1]
+        released.insert(0, (b"host", fast[0][5]))
+        return headers[0][1], headers[1][1], fast[0][5], released
     method = target = ""
     authority = ""
     out: Headers = []
@@ -115,10 +165,19 @@ def from_filter_request(headers: FilterHeaders) -> tuple[str, str, bytes, Header
 
 
 def to_filter_response(status: int, headers: Headers) -> FilterHeaders:
-    return [(":status", str(status)), *((n.decode("latin-1"), v.decode("latin-1")) for n, v in headers)]
+    out = [(":status", str(status))]
+    pairs = _pairs_as_str(headers)
+    out += pairs if pairs is not None else [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+    return out
 
 
 def from_filter_response(headers: FilterHeaders, fallback_status: int) -> tuple[int, Headers]:
+    if headers and headers[0][0] == ":status":
+        value = headers[0][1]
+        if value.isdigit() and 100 <= int(value) <= 599:
+            fast = _pairs_as_bytes(headers, 1)
+            if fast is not None:
+                return int(value), fast[1]
     status = fallback_status
     out: Headers = []
     for name, value in headers:
@@ -144,7 +203,7 @@ def local_response_parts(lr: LocalResponse) -> tuple[int, Headers, bytes]:
 
 def valid_target(target: str) -> bool:
     """A request-target a filter may set: origin-form, visible ASCII, no spaces."""
-    return target.startswith("/") and all(33 <= ord(c) < 127 for c in target)
+    return target.startswith("/") and target.isascii() and target.isprintable() and " " not in target
 
 
 async def perform_http_call(pools: Mapping[str, UpstreamPool], request: HttpCallRequest) -> HttpCallResponse:
@@ -205,7 +264,8 @@ def module_exports(runtime: FilterRuntime, names: Sequence[str], export: str) ->
 
 
 def sync_runtime_metrics(runtime: FilterRuntime, seen: dict[object, int]) -> None:
-    """Copy pool gauges and filter-defined metrics into Prometheus (``seen`` carries state between calls)."""
+    """Copy pool gauges, per-filter request outcomes and filter-defined metrics into Prometheus (``seen``
+    carries what was already copied between calls: counters move by their delta)."""
     from .metrics import runtime_metrics
     from .runtime.abi import MetricType
 
@@ -215,6 +275,20 @@ def sync_runtime_metrics(runtime: FilterRuntime, seen: dict[object, int]) -> Non
         m.pool_instances.labels(name, "busy").set(stats.busy)
         m.pool_instances.labels(name, "idle").set(stats.idle)
         m.pool_waiting.labels(name).set(stats.waiting)
+        m.pool_max.labels(name).set(stats.max_size)
+        m.memory.labels(name).set(stats.memory_bytes)
+    for (name, outcome), count in list(runtime.outcomes.items()):
+        key: object = ("outcome", name, outcome)
+        delta = count - seen.get(key, 0)
+        if delta > 0:
+            m.requests.labels(name, outcome).inc(delta)
+            seen[key] = count
+    for (name, status), count in list(runtime.local_responses.items()):
+        key = ("local", name, status)
+        delta = count - seen.get(key, 0)
+        if delta > 0:
+            m.local_responses.labels(name, str(status)).inc(delta)
+            seen[key] = count
     for metric in runtime.shared.metrics.all():
         key = (metric.filter_name, metric.name, metric.type)
         if metric.type == MetricType.COUNTER:

@@ -46,6 +46,7 @@ from uvicorn.supervisors.multiprocess import Multiprocess
 
 from wasm_gateway.config import ServerConfig, load_config
 from wasm_gateway.exceptions import ConfigError
+from wasm_gateway.reload import sighup_blocked
 
 __all__ = [
     "GatewayHttpProtocol",
@@ -395,6 +396,8 @@ class ServeOptions:
     metrics_multiproc_dir: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     on_started: Callable[[str, int], None] | None = None
+    pid_file: str | None = None
+    """Written with this process's id (the one to send SIGHUP to) while serving; removed at exit."""
 
 
 class _GatewayConfig(Config):
@@ -425,17 +428,34 @@ class _Server(Server):
 
 
 class _Supervisor(Multiprocess):
-    """uvicorn's worker supervisor, marking replaced or removed workers dead for prometheus-client."""
+    """uvicorn's worker supervisor, marking replaced or removed workers dead for prometheus-client.
+
+    SIGHUP is forwarded to every worker, each of which reloads in place (uvicorn's own SIGHUP handling would
+    replace the workers instead). Workers are spawned with SIGHUP blocked: one that has not installed its
+    handler yet keeps the signal pending instead of dying of it."""
 
     def __init__(self, config: Config, sockets: list[socket.socket], metrics_dir: str | None) -> None:
         super().__init__(config, sockets)
         self._metrics_dir = metrics_dir
 
+    def init_processes(self) -> None:
+        with sighup_blocked():
+            super().init_processes()
+
     def keep_subprocess_alive(self) -> None:
-        self._marking_gone_workers(super().keep_subprocess_alive)
+        with sighup_blocked():
+            self._marking_gone_workers(super().keep_subprocess_alive)
 
     def handle_signals(self) -> None:
-        self._marking_gone_workers(super().handle_signals)
+        with sighup_blocked():
+            self._marking_gone_workers(super().handle_signals)
+
+    def handle_hup(self) -> None:
+        logger.info("Received SIGHUP, reloading the config in every worker.")
+        for process in self.processes:
+            if process.pid is not None and process.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGHUP)
 
     def _marking_gone_workers(self, step: Callable[[], None]) -> None:
         before = {process.pid for process in self.processes}
@@ -460,7 +480,12 @@ def serve(options: ServeOptions) -> int:
             f"server.workers: {options.workers} workers need the app as an import string "
             '(e.g. "wasm_gateway.app:create_app"), got an app object'
         )
-    with _worker_environment(options) as metrics_dir, _signal_handlers_restored():
+    with (
+        _worker_environment(options) as metrics_dir,
+        _signal_handlers_restored(),
+        sighup_blocked(),
+        _pid_file(options.pid_file),
+    ):
         config = _GatewayConfig(
             options.app,
             limits=options.limits,
@@ -514,6 +539,28 @@ def _serve_workers(config: Config, options: ServeOptions, metrics_dir: str | Non
         supervisor.run()
     failed = any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes)
     return STARTUP_FAILURE if failed else 0
+
+
+@contextlib.contextmanager
+def _pid_file(path: str | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    pid = str(os.getpid())
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(pid + "\n")
+    except OSError as exc:
+        raise ConfigError(f"server.pid_file: cannot write {path!r}: {exc.strerror or exc}") from exc
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            with open(path) as f:
+                mine = f.read().strip() == pid
+            if mine:
+                os.unlink(path)
 
 
 @contextlib.contextmanager

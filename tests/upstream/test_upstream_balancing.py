@@ -119,15 +119,21 @@ def test_balancer_unit() -> None:
     assert balancer.pick(exclude=[1]) == 2
     balancer.record_failure(0)
     assert not balancer.is_ejected(0)
+    assert (balancer.healthy(), balancer.ejections) == (3, 0)
     balancer.record_failure(0)
     assert balancer.is_ejected(0)
+    assert (balancer.healthy(), balancer.ejections) == (2, 1)
+    balancer.record_failure(0)  # already out: not a second ejection
+    assert (balancer.healthy(), balancer.ejections) == (2, 1)
     assert [balancer.pick() for _ in range(4)] == [1, 2, 1, 2]
     assert balancer.pick(exclude=[1, 2]) == 0  # panic: only ejected candidates left
     now[0] = 10.0
+    assert balancer.healthy() == 3  # the ejection ran out
     assert not balancer.is_ejected(0)
     assert sorted(balancer.pick() for _ in range(3)) == [0, 1, 2]
     balancer.record_failure(0)  # on probation: one more failure ejects again
     assert balancer.is_ejected(0)
+    assert (balancer.healthy(), balancer.ejections) == (2, 2)
     balancer.record_success(0)
     assert not balancer.is_ejected(0) and balancer.failures(0) == 0
     assert balancer.pick(exclude=[0, 1, 2]) in (0, 1, 2)

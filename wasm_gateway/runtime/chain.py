@@ -71,6 +71,7 @@ from .pool import InstancePool, PoolSettings
 from .services import FilterServices, LogSink, SharedServices, default_log_sink
 
 __all__ = [
+    "OUTCOMES",
     "ChainStream",
     "Decision",
     "DecisionKind",
@@ -168,6 +169,13 @@ class Decision:
 
 _CONTINUE: Final = DecisionKind.CONTINUE
 _perf_counter: Final = time.perf_counter
+
+# What one filter did with one request (counted per filter in FilterRuntime.outcomes).
+OUTCOME_CONTINUE: Final = "continue"  # passed the request on
+OUTCOME_LOCAL_RESPONSE: Final = "local_response"  # answered it itself (denial, rate limit, direct answer)
+OUTCOME_FAILURE: Final = "failure"  # failed (trap, timeout, ...); its failure policy decided
+OUTCOME_UNFINISHED: Final = "unfinished"  # still holding the request when it ended (client gone, ...)
+OUTCOMES: Final = (OUTCOME_CONTINUE, OUTCOME_LOCAL_RESPONSE, OUTCOME_FAILURE, OUTCOME_UNFINISHED)
 _STOP_KIND: Final = DecisionKind.STOP
 
 
@@ -192,7 +200,7 @@ _new_object: Final = object.__new__
 class _Stage:
     """One filter's part of one request, in both directions."""
 
-    __slots__ = ("dirs", "disabled", "instance", "name", "pool", "spec", "stream")
+    __slots__ = ("answered", "dirs", "disabled", "failed", "instance", "name", "pool", "spec", "stream")
 
     def __init__(self, spec: FilterSpec, pool: InstancePool) -> None:
         self.spec = spec
@@ -201,6 +209,8 @@ class _Stage:
         self.instance: FilterInstance | None = None
         self.stream: StreamContext | None = None
         self.disabled = False
+        self.answered = 0  # the status of this filter's local response, if it sent one
+        self.failed = False
         req: _Direction = _new_object(_Direction)
         resp: _Direction = _new_object(_Direction)
         req.started = req.headers_released = req.headers_eos = req.eos_seen = False
@@ -302,12 +312,23 @@ class ChainStream:
         if self._background:
             for task in self._background:
                 task.cancel()
+        outcomes = self._chain.runtime.outcomes
         for stage in self._stages:
             inst = stage.instance
             if inst is None:
                 continue
             stage.instance = None
             stream = stage.stream
+            if stage.answered:
+                outcome = OUTCOME_LOCAL_RESPONSE
+            elif stage.failed:
+                outcome = OUTCOME_FAILURE
+            elif stage.dirs[0].headers_released:
+                outcome = OUTCOME_CONTINUE
+            else:
+                outcome = OUTCOME_UNFINISHED
+            key = (stage.name, outcome)
+            outcomes[key] = outcomes.get(key, 0) + 1
             deferred = False
             try:
                 if stream is not None and not stage.disabled:
@@ -666,6 +687,10 @@ class ChainStream:
         if lr is None:
             body = orjson.dumps({"error": "stream_closed_by_filter", "filter": stage.name, "status": 503})
             lr = LocalResponse(503, [("content-type", "application/json")], body, "closed_by_filter")
+        stage.answered = lr.status
+        statuses = self._chain.runtime.local_responses
+        key = (stage.name, lr.status)
+        statuses[key] = statuses.get(key, 0) + 1
         raise _Respond(Decision(DecisionKind.RESPOND, response=lr))
 
     async def _perform_pending(self, stage: _Stage) -> None:
@@ -704,6 +729,7 @@ class ChainStream:
         task.add_done_callback(self._background.discard)
 
     def _fault(self, stage: _Stage, exc: FilterError) -> None:
+        stage.failed = True
         kind = type(exc).__name__.removeprefix("Filter").removesuffix("Error").lower() or "error"
         _log.error("%s", exc)
         self._chain.runtime.observer.fault(stage.name, kind)
@@ -799,6 +825,10 @@ class FilterRuntime:
         self.pools: dict[str, InstancePool] = {}
         self._chains: dict[tuple[str, ...], FilterChain] = {}
         self._closed = False
+        # Per-request counts, (filter, outcome) and (filter, local response status): plain ints on the hot
+        # path; the gateway copies them into Prometheus (filtering.sync_runtime_metrics).
+        self.outcomes: dict[tuple[str, str], int] = {}
+        self.local_responses: dict[tuple[str, int], int] = {}
         # Streams whose proxy_on_done answered false, waiting for proxy_done() (see await_done).
         self._deferred: set[asyncio.Task[None]] = set()
         # Queue notifications waiting for an instance: (filter name, token), in arrival order.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Mapping
+from operator import itemgetter
 from typing import Final
 
 from ..exceptions import StateError
@@ -88,6 +89,9 @@ def _encode_headers(headers: Headers) -> bytes:
 
 def _stream(st: HostState) -> StreamContext | None:
     return st.current
+
+
+_name_of: Final = itemgetter(0)
 
 
 def _map_of(st: HostState, mtype: int) -> Headers | None:
@@ -338,6 +342,7 @@ def proxy_get_header_map_value_0_1(
 _ARGS: Final = fastcall.ARGS
 _put: Final = fastcall.put_result
 _unpack5: Final = fastcall.args_unpacker(5)
+_unpack3: Final = fastcall.args_unpacker(3)
 _SLOT: Final = fastcall.HOST_STATE
 
 
@@ -356,13 +361,15 @@ def raw_get_header_map_value(env: bool, caller: bool, a: int, n: bool) -> int:
             _put(_ARGS, a, _get_value(st, mtype, kptr, klen, vpp, vlp, NOT_FOUND))
             return 0
         key = str(view[kptr : kptr + klen], "latin-1").lower()
-        value = None
-        for k, v in s.response_headers if mtype else s.request_headers:
-            if k == key:
-                value = v if value is None else f"{value},{v}"
-        if value is None:
+        headers = s.response_headers if mtype else s.request_headers
+        names = list(map(_name_of, headers))  # searched in C
+        if key not in names:
             _put(_ARGS, a, NOT_FOUND)
             return 0
+        if names.count(key) == 1:
+            value = headers[names.index(key)][1]
+        else:  # Envoy joins repeated headers with a comma
+            value = ",".join([v for k, v in headers if k == key])
         data = value.encode("latin-1")
         size = len(data)
         if size == 0:
@@ -408,6 +415,66 @@ def raw_add_header_map_value(env: bool, caller: bool, a: int, n: bool) -> int:
         return fastcall.host_call_failed(exc, a, INTERNAL_FAILURE, "env.proxy_add_header_map_value")
 
 
+@fastcall.raw_host_call
+def raw_replace_header_map_value(env: bool, caller: bool, a: int, n: bool) -> int:
+    """`proxy_replace_header_map_value` as one callback frame (request/response headers of the current
+    stream; anything else goes to `proxy_replace_header_map_value`)."""
+    try:
+        st = _SLOT.state
+        mtype, kptr, klen, vptr, vlen = _unpack5(_ARGS, a)
+        s = st.current
+        view = st.memory.view
+        lv = len(view)
+        if s is None or mtype & ~2 or kptr + klen > lv or vptr + vlen > lv:
+            _put(_ARGS, a, proxy_replace_header_map_value(st, mtype, kptr, klen, vptr, vlen))
+            return 0
+        k = str(view[kptr : kptr + klen], "latin-1").lower()
+        v = str(view[vptr : vptr + vlen], "latin-1")
+        if (k not in _VALID_NAMES or not v.isprintable()) and (err := header_error(k, v)) is not None:
+            _put(_ARGS, a, _protocol_error(st, err))
+            return 0
+        _replace(s.response_headers if mtype else s.request_headers, (k, v))
+        _put(_ARGS, a, OK)
+        return 0
+    except BaseException as exc:
+        return fastcall.host_call_failed(exc, a, INTERNAL_FAILURE, "env.proxy_replace_header_map_value")
+
+
+@fastcall.raw_host_call
+def raw_remove_header_map_value(env: bool, caller: bool, a: int, n: bool) -> int:
+    """`proxy_remove_header_map_value` as one callback frame (request/response headers of the current
+    stream; anything else goes to `proxy_remove_header_map_value`)."""
+    try:
+        st = _SLOT.state
+        mtype, kptr, klen = _unpack3(_ARGS, a)
+        s = st.current
+        view = st.memory.view
+        if s is None or mtype & ~2 or kptr + klen > len(view):
+            _put(_ARGS, a, proxy_remove_header_map_value(st, mtype, kptr, klen))
+            return 0
+        key = str(view[kptr : kptr + klen], "latin-1").lower()
+        headers = s.response_headers if mtype else s.request_headers
+        if key in map(_name_of, headers):  # usually absent (a filter clearing what a client might send)
+            headers[:] = [h for h in headers if h[0] != key]
+        _put(_ARGS, a, OK)
+        return 0
+    except BaseException as exc:
+        return fastcall.host_call_failed(exc, a, INTERNAL_FAILURE, "env.proxy_remove_header_map_value")
+
+
+def _replace(headers: Headers, kv: tuple[str, str]) -> None:
+    """Replace the first header of kv's name (dropping any later ones), or append it."""
+    key = kv[0]
+    names = list(map(_name_of, headers))  # searched in C: filters set several headers per request
+    if key not in names:
+        headers.append(kv)
+        return
+    i = names.index(key)
+    headers[i] = kv
+    if names.count(key) > 1:
+        headers[i + 1 :] = [h for h in headers[i + 1 :] if h[0] != key]
+
+
 def _read_kv(st: HostState, kptr: int, klen: int, vptr: int, vlen: int) -> tuple[str, str] | None:
     mem = st.memory
     assert mem is not None
@@ -451,13 +518,7 @@ def proxy_replace_header_map_value(
     headers = _map_of(st, mtype)
     if headers is None or mtype > _MAP_RESPONSE_TRAILERS:
         return BAD_ARGUMENT
-    key = kv[0]
-    for i, (k, _) in enumerate(headers):
-        if k == key:
-            headers[i] = kv
-            headers[i + 1 :] = [h for h in headers[i + 1 :] if h[0] != key]
-            return OK
-    headers.append(kv)
+    _replace(headers, kv)
     return OK
 
 
@@ -468,7 +529,8 @@ def proxy_remove_header_map_value(st: HostState, mtype: int, kptr: int, klen: in
     headers = _map_of(st, mtype)
     if headers is None or mtype > _MAP_RESPONSE_TRAILERS:
         return BAD_ARGUMENT
-    headers[:] = [h for h in headers if h[0] != key]
+    if key in map(_name_of, headers):  # usually absent (a filter clearing what a client might have sent)
+        headers[:] = [h for h in headers if h[0] != key]
     return OK
 
 
@@ -810,8 +872,8 @@ _COMMON: Final[dict[str, HostFunction]] = {
     "proxy_get_header_map_size": (_i(2), _R, proxy_get_header_map_size),
     "proxy_get_header_map_value": (_i(5), _R, raw_get_header_map_value),
     "proxy_add_header_map_value": (_i(5), _R, raw_add_header_map_value),
-    "proxy_replace_header_map_value": (_i(5), _R, proxy_replace_header_map_value),
-    "proxy_remove_header_map_value": (_i(3), _R, proxy_remove_header_map_value),
+    "proxy_replace_header_map_value": (_i(5), _R, raw_replace_header_map_value),
+    "proxy_remove_header_map_value": (_i(3), _R, raw_remove_header_map_value),
     "proxy_get_status": (_i(3), _R, proxy_get_status),
     "proxy_send_local_response": (_i(8), _R, proxy_send_local_response),
     "proxy_http_call": (_i(10), _R, proxy_http_call),

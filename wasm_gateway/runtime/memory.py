@@ -38,7 +38,7 @@ class GuestMemory:
     ``view`` is a byte view of the memory as large as it was when last checked; `fits` refreshes it.
     """
 
-    __slots__ = ("_base", "_context", "_memory", "allocate_raw", "allocator", "view")
+    __slots__ = ("_base", "_closed", "_context", "_memory", "allocate_raw", "allocator", "view")
 
     def __init__(self, context: int, memory: Any, allocator: fastcall.GuestFunc | None) -> None:
         self._context = context
@@ -47,6 +47,7 @@ class GuestMemory:
         self.view = _view(self._base, fastcall.memory_size(context, memory))
         self.allocator = allocator
         self.allocate_raw = allocator.call if allocator is not None else None
+        self._closed = False
 
     def fits(self, end: int) -> bool:
         """Whether bytes up to ``end`` are inside the memory (re-reading its size once when not)."""
@@ -62,8 +63,15 @@ class GuestMemory:
         self.fits(0)
         return len(self.view)
 
+    def current_size(self) -> int:
+        """The memory's size now, re-read (it may have grown since `view` was taken); 0 once closed."""
+        if self._closed:
+            return 0
+        return fastcall.memory_size(self._context, self._memory)
+
     def close(self) -> None:
         """Drop the view (the memory goes away with its store)."""
+        self._closed = True
         self.view = memoryview(bytearray())
         self.allocator = None
         self.allocate_raw = None

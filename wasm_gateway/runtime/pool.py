@@ -47,6 +47,9 @@ class PoolStats:
     created: int
     discarded: int
     waiting: int
+    max_size: int = 0
+    memory_bytes: int = 0
+    """Linear memory of every instance, summed."""
 
 
 class PoolState(enum.Enum):
@@ -221,8 +224,16 @@ class InstancePool:
 
     def stats(self) -> PoolStats:
         busy = sum(1 for i in self._all if i.state is InstanceState.BUSY)
+        memory = sum(i.host.memory.current_size() for i in self._all if i.host.memory is not None)
         return PoolStats(
-            len(self._all), busy, len(self._idle), self.created, self.discarded, len(self._waiters)
+            len(self._all),
+            busy,
+            len(self._idle),
+            self.created,
+            self.discarded,
+            len(self._waiters),
+            self.settings.max_size,
+            memory,
         )
 
     def close(self) -> None:

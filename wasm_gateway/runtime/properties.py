@@ -104,19 +104,37 @@ _STREAM: Final[dict[str, Callable[[StreamContext], bytes | str | int | bool | No
 _MAPS: Final = {"request.headers": "request_headers", "response.headers": "response_headers"}
 
 
-def get_property(state: HostState, raw_path: bytes) -> bytes | None:
-    """The encoded value of a property, or None when it is not known (NOT_FOUND)."""
+# Filters ask for the same few paths on every request: parse each once. Bounded (paths come from the guest).
+_parsed: dict[bytes, tuple[bytes, str, tuple[str, ...]] | None] = {}
+_PARSED_MAX: Final = 1024
+
+
+def _parse(raw_path: bytes) -> tuple[bytes, str, tuple[str, ...]] | None:
+    """(NUL-joined key, dotted name, segments), or None when the path is not UTF-8."""
     parts = split_path(raw_path)
     try:
-        segs = [p.decode("utf-8") for p in parts]
+        segs = tuple(p.decode("utf-8") for p in parts)
     except UnicodeDecodeError:
         return None
+    return b"\0".join(parts), ".".join(segs), segs
+
+
+def get_property(state: HostState, raw_path: bytes) -> bytes | None:
+    """The encoded value of a property, or None when it is not known (NOT_FOUND)."""
+    try:
+        parsed = _parsed[raw_path]
+    except KeyError:
+        if len(_parsed) >= _PARSED_MAX:
+            _parsed.clear()
+        parsed = _parsed[raw_path] = _parse(raw_path)
+    if parsed is None:
+        return None
+    key, dotted, segs = parsed
     stream = state.current
     if stream is not None and stream._properties:
-        custom = stream._properties.get(b"\0".join(parts))
+        custom = stream._properties.get(key)
         if custom is not None:
             return custom
-    dotted = ".".join(segs)
     svc = state.services
     if dotted == "plugin_name":
         return svc.name.encode()

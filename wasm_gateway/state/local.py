@@ -14,6 +14,8 @@ Layout (named databases of one environment):
 
 Every write is one LMDB write transaction, so compare-and-swap is atomic across processes. Commits are not
 fsynced (``sync=False``): the data survives any process crash or restart, but not necessarily an OS crash.
+Writes go straight into the shared map (``writemap=True``: no write syscalls per commit; a get + CAS put
+measured 19-31 us without, 10 us with, on a shared 2-core machine). The file is sparse at the map size.
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ def _acquire_env(directory: Path, map_size: int) -> lmdb.Environment:
             readahead=False,
             mode=0o600,
             max_spare_txns=2,
+            writemap=True,
         )
         env.reader_check()  # free reader slots left by processes that died
         _envs[key] = (env, 1)

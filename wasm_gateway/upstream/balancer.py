@@ -32,6 +32,7 @@ class RoundRobinBalancer:
         "_ejected_until",
         "_failures",
         "_size",
+        "ejections",
     )
 
     def __init__(
@@ -54,6 +55,8 @@ class RoundRobinBalancer:
         self._ejected_until = [0.0] * size
         # How many entries of _ejected_until are non-zero: lets the common case skip reading the clock.
         self._ejected_count = 0
+        # Times a target was taken out of rotation (for metrics).
+        self.ejections = 0
 
     @property
     def size(self) -> int:
@@ -92,6 +95,7 @@ class RoundRobinBalancer:
         if 0 < self._eject_after <= failures and not self._ejected_until[index]:
             self._ejected_until[index] = self._clock() + self._eject_seconds
             self._ejected_count += 1
+            self.ejections += 1
 
     def record_success(self, index: int) -> None:
         if self._failures[index]:
@@ -103,6 +107,13 @@ class RoundRobinBalancer:
 
     def is_ejected(self, index: int) -> bool:
         return bool(self._ejected_until[index]) and self._is_ejected(index, self._clock())
+
+    def healthy(self) -> int:
+        """How many targets are in rotation now (ejections that have run out count as healthy)."""
+        if not self._ejected_count:
+            return self._size
+        now = self._clock()
+        return sum(1 for index in range(self._size) if not self._is_ejected(index, now))
 
     def failures(self, index: int) -> int:
         """Consecutive failures recorded for the target since its last success."""

@@ -448,6 +448,11 @@ class UpstreamPool:
         for tpool in self._pools:
             tpool.close()
 
+    def health(self) -> tuple[int, int, int]:
+        """(targets, targets in rotation, ejections so far): what the metrics report."""
+        balancer = self._balancer
+        return balancer.size, balancer.healthy(), balancer.ejections
+
     def stats(self) -> dict[str, object]:
         """Per target (keyed by ``host:port``): open, connecting, idle, in_use, waiting, ejected, failures."""
         result: dict[str, object] = {}
