@@ -81,9 +81,10 @@ def test_examples_through_the_gateway(origin: ThreadServer, tmp_path: Path) -> N
 
 
 LOOPING = """
-export function onRequest(request) {
+export async function onRequest(request) {
   if (request.headers.has("x-loop")) for (;;) {}
   if (request.headers.has("x-throw")) throw new Error("script bug");
+  if (request.headers.has("x-reject")) await Promise.reject(new TypeError("rejected"));
   request.headers.set("x-js", "1");
 }
 """
@@ -112,7 +113,7 @@ access_log = false
 
 
 def test_endless_loop_is_cut_off_while_other_requests_succeed(origin: ThreadServer, tmp_path: Path) -> None:
-    kinds = ["ok"] * 24 + ["x-loop"] * 3 + ["x-throw"] * 3
+    kinds = ["ok"] * 24 + ["x-loop"] * 3 + ["x-throw"] * 3 + ["x-reject"] * 3
     with gateway_server(looping_config(tmp_path, origin.port), tmp_path) as gw:
 
         def one(kind: str) -> tuple[str, int, dict[str, Any]]:
@@ -130,13 +131,14 @@ def test_endless_loop_is_cut_off_while_other_requests_succeed(origin: ThreadServ
         faults = dict(
             re.findall(r'wasm_gateway_filter_faults_total\{filter="edge",kind="(\w+)"\} (\S+)', metrics)
         )
-        assert float(faults["timeout"]) == 3 and float(faults["trap"]) == 3
+        assert float(faults["timeout"]) == 3 and float(faults["trap"]) == 6  # script errors end in a trap
 
 
 def test_fail_open_passes_the_request_on_untouched(origin: ThreadServer, tmp_path: Path) -> None:
     with gateway_server(looping_config(tmp_path, origin.port, "fail_open"), tmp_path) as gw:
-        data = echoed(httpx.get(gw.url + "/echo", headers={"x-throw": "1"}, timeout=10))
-        assert header(data, "x-js") == [] and header(data, "x-throw") == ["1"]
+        for trigger in ("x-throw", "x-reject"):
+            data = echoed(httpx.get(gw.url + "/echo", headers={trigger: "1"}, timeout=10))
+            assert header(data, "x-js") == [] and header(data, trigger) == ["1"]
         assert header(echoed(httpx.get(gw.url + "/echo", timeout=10)), "x-js") == ["1"]
 
 
