@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -195,3 +196,28 @@ def test_configuration_errors_name_the_key(tmp_path: Path) -> None:
     )
     sent = json.loads(load_config(config).filters["edge"].configuration)
     assert "`${1+1}`" in sent["script"] and sent["filename"] == "inline.js"
+
+
+def test_watch_config_reloads_when_the_script_changes(tmp_path: Path, origin: ThreadServer) -> None:
+    from tests.conftest import Subprocess, free_port
+
+    port = free_port()
+    script = tmp_path / "edge.js"
+    script.write_text('export function onRequest() { return new Response("v1"); }\n')
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f"[server]\nport = {port}\nwatch_config = true\nwatch_interval = 0.2\n"
+        f'[upstreams.origin]\ntargets = ["127.0.0.1:{origin.port}"]\n'
+        '[filters.edge]\nmodule = "builtin:js"\nconfiguration = { script = "edge.js" }\n'
+        '[[routes]]\nupstream = "origin"\nfilters = ["edge"]\n[log]\naccess_log = false\n'
+    )
+    url = f"http://127.0.0.1:{port}/"
+    with Subprocess("serve", "--config", str(config), port=port):
+        assert httpx.get(url, timeout=10).text == "v1"
+        tmp = tmp_path / "edge.js.tmp"  # replaced whole, as editors and deploys do
+        tmp.write_text('export function onRequest() { return new Response("v2"); }\n')
+        tmp.replace(script)
+        deadline = time.monotonic() + 30
+        while (text := httpx.get(url, timeout=10).text) != "v2":
+            assert text == "v1" and time.monotonic() < deadline
+            time.sleep(0.1)
