@@ -1101,6 +1101,12 @@
   }
 
   function deleteContext(id) {
+    const st = streams.get(id);
+    if (st === undefined) return;
+    // Break the stream <-> ctx cycle: reference counting then frees the request's objects at once, and the
+    // (stop-the-world) cycle collector only runs when a script itself leaves cycles behind.
+    st.ctx[hidden] = null;
+    st.ctx = null;
     streams.delete(id);
     for (const [token, call] of calls) if (call.stream && call.stream.id === id) calls.delete(token);
   }
