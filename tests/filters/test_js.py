@@ -660,3 +660,17 @@ def test_requests_leave_no_garbage_behind(js: JsFilter) -> None:
         r = h.request(path=f"/p/{i}", headers=[("x-answer", "1")] if i % 2 else [])
     assert r.error is None
     assert memory() == before
+
+
+def test_fetch_in_on_response_pauses_the_response(js: JsFilter) -> None:
+    script = """
+    export async function onResponse(response) {
+      const audit = await fetch("http://audit/log", { method: "POST", body: String(response.status) });
+      response.headers.set("x-audit", await audit.text());
+    }
+    """
+    h = js(script, http_calls={"audit": lambda req: (200, [], b"logged " + req.body)})
+    r = h.request(response=(201, [("content-type", "text/plain")], b"made"))
+    assert r.error is None, logs_text(r)
+    assert r.response_status == 201 and ("x-audit", "logged 201") in r.response_headers
+    assert r.response_body == b"made"
