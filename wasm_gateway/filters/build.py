@@ -1,4 +1,4 @@
-"""Rebuild the bundled filters from their Zig sources.
+"""Rebuild the bundled filters from their sources (Zig; C and JavaScript for the JS filter).
 
 ::
 
@@ -13,9 +13,14 @@ debug info, no paths, no timestamps), which is what lets CI check the shipped mo
 The JS filter (``js``) is QuickJS plus ``js/glue.c`` and ``js/prelude.js``, compiled with ``zig cc`` for
 wasm32-wasi. QuickJS itself is not vendored: its sources come from the PyPI source distribution of the
 ``quickjs`` package (`QUICKJS_SDIST`, pinned by version and sha256), fetched with ``pip download`` into
-``~/.cache/wasm-gateway/`` once, or read from the file ``$WASM_GATEWAY_QUICKJS_SDIST`` (offline builds). Two
-small source patches are applied (see `QUICKJS_PATCHES`); each must match exactly, so a different QuickJS
-fails loudly instead of building something else.
+``~/.cache/wasm-gateway/`` once, or read from the file ``$WASM_GATEWAY_QUICKJS_SDIST`` (offline builds). Small
+source patches are applied (see `QUICKJS_PATCHES`); each must match exactly, so a different QuickJS fails
+loudly instead of building something else. The build is two-stage: the first module compiles
+``js/prelude.js`` to QuickJS bytecode (run once here, under wasmtime), the second embeds that bytecode, so
+instances start without parsing the prelude.
+
+Why not vendor QuickJS: its sources are ~2.5 MB of C that we never edit beyond the patches; the pinned sdist
+(450 KB, sha256-checked) gives the same bytes reproducibly, and CI can reach PyPI.
 """
 
 from __future__ import annotations
@@ -346,7 +351,8 @@ def check(names: Sequence[str] = BUNDLED_FILTERS, shipped_dir: Path = FILTERS_DI
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m wasm_gateway.filters.build", description="Rebuild the bundled Zig filters."
+        prog="python -m wasm_gateway.filters.build",
+        description="Rebuild the bundled filters (Zig, and the QuickJS-based js filter).",
     )
     parser.add_argument(
         "filters", nargs="*", help=f"filters to build (default: {', '.join(BUNDLED_FILTERS)})"
