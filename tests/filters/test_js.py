@@ -674,3 +674,40 @@ def test_fetch_in_on_response_pauses_the_response(js: JsFilter) -> None:
     assert r.error is None, logs_text(r)
     assert r.response_status == 201 and ("x-audit", "logged 201") in r.response_headers
     assert r.response_body == b"made"
+
+
+def test_crypto_subtle_digest_and_hmac_match_python(js: JsFilter) -> None:
+    import hashlib
+    import hmac
+
+    script = """
+    const hex = (buf) => Array.from(new Uint8Array(buf), (b) => b.toString(16).padStart(2, "0")).join("");
+    export async function onRequest(request) {
+      const bytes = (s) => Uint8Array.from(s ?? "", (ch) => ch.charCodeAt(0)); // header values are byte strings
+      const data = bytes(request.headers.get("x-data"));
+      const keyBytes = bytes(request.headers.get("x-key"));
+      const out = {};
+      for (const hash of ["SHA-1", "SHA-256"]) {
+        out[hash + " digest"] = hex(await crypto.subtle.digest(hash, data));
+        const key = await crypto.subtle.importKey("raw", keyBytes, { name: "HMAC", hash }, false, ["sign", "verify"]);
+        const mac = await crypto.subtle.sign("HMAC", key, data);
+        out[hash + " hmac"] = hex(mac);
+        out[hash + " verify"] = await crypto.subtle.verify("HMAC", key, mac, data);
+        const bad = new Uint8Array(mac); bad[0] ^= 1;
+        out[hash + " verify bad"] = await crypto.subtle.verify("HMAC", key, bad, data);
+      }
+      try { await crypto.subtle.digest("MD5", data); } catch (e) { out.md5 = e.name; }
+      return Response.json(out);
+    }
+    """
+    h = js(script)
+    for data, key in [("", ""), ("abc", "k"), ("x" * 1000, "long key " * 20), ("é€", "0123456789" * 7)]:
+        r = h.request(headers=[("x-data", data.encode().decode("latin-1")), ("x-key", key)])
+        assert r.local_response is not None, logs_text(r)
+        got = json.loads(r.local_response[2])
+        for name, algo in (("SHA-1", hashlib.sha1), ("SHA-256", hashlib.sha256)):
+            raw = data.encode()
+            assert got[f"{name} digest"] == algo(raw).hexdigest()
+            assert got[f"{name} hmac"] == hmac.new(key.encode(), raw, algo).hexdigest()
+            assert got[f"{name} verify"] is True and got[f"{name} verify bad"] is False
+        assert got["md5"] == "NotSupportedError"

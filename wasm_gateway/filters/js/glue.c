@@ -627,6 +627,144 @@ static JSValue h_eval_module(JSContext *c, JSValueConst this, int argc, JSValueC
   return r;
 }
 
+/* ------------------------------------------------------------------------------------ SHA-1, SHA-256, HMAC
+ * For crypto.subtle.digest / sign / verify (HMAC). Straight from FIPS 180-4 and RFC 2104. */
+
+typedef struct {
+  uint32_t h[8];
+  uint64_t len;
+  uint8_t buf[64];
+  size_t fill;
+  int sha1;
+} Sha;
+
+static uint32_t rol(uint32_t x, int n) { return (x << n) | (x >> (32 - n)); }
+static uint32_t ror(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+
+static const uint32_t K256[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
+
+static void sha_block(Sha *c, const uint8_t *p) {
+  uint32_t w[80];
+  for (int i = 0; i < 16; i++) w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 | (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
+  if (c->sha1) {
+    for (int i = 16; i < 80; i++) w[i] = rol(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
+    uint32_t a = c->h[0], b = c->h[1], cc = c->h[2], d = c->h[3], e = c->h[4];
+    for (int i = 0; i < 80; i++) {
+      uint32_t f, k;
+      if (i < 20) f = (b & cc) | (~b & d), k = 0x5a827999;
+      else if (i < 40) f = b ^ cc ^ d, k = 0x6ed9eba1;
+      else if (i < 60) f = (b & cc) | (b & d) | (cc & d), k = 0x8f1bbcdc;
+      else f = b ^ cc ^ d, k = 0xca62c1d6;
+      uint32_t t = rol(a, 5) + f + e + k + w[i];
+      e = d, d = cc, cc = rol(b, 30), b = a, a = t;
+    }
+    c->h[0] += a, c->h[1] += b, c->h[2] += cc, c->h[3] += d, c->h[4] += e;
+    return;
+  }
+  for (int i = 16; i < 64; i++) {
+    uint32_t s0 = ror(w[i - 15], 7) ^ ror(w[i - 15], 18) ^ (w[i - 15] >> 3);
+    uint32_t s1 = ror(w[i - 2], 17) ^ ror(w[i - 2], 19) ^ (w[i - 2] >> 10);
+    w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+  }
+  uint32_t v[8];
+  memcpy(v, c->h, sizeof v);
+  for (int i = 0; i < 64; i++) {
+    uint32_t t1 = v[7] + (ror(v[4], 6) ^ ror(v[4], 11) ^ ror(v[4], 25)) + ((v[4] & v[5]) ^ (~v[4] & v[6])) + K256[i] + w[i];
+    uint32_t t2 = (ror(v[0], 2) ^ ror(v[0], 13) ^ ror(v[0], 22)) + ((v[0] & v[1]) ^ (v[0] & v[2]) ^ (v[1] & v[2]));
+    memmove(v + 1, v, 7 * sizeof(uint32_t));
+    v[4] += t1;
+    v[0] = t1 + t2;
+  }
+  for (int i = 0; i < 8; i++) c->h[i] += v[i];
+}
+
+static void sha_init(Sha *c, int sha1) {
+  static const uint32_t h1[5] = {0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476, 0xc3d2e1f0};
+  static const uint32_t h256[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  memset(c, 0, sizeof *c);
+  c->sha1 = sha1;
+  memcpy(c->h, sha1 ? h1 : h256, sha1 ? sizeof h1 : sizeof h256);
+}
+
+static void sha_update(Sha *c, const uint8_t *p, size_t n) {
+  c->len += n;
+  while (n) {
+    size_t take = 64 - c->fill < n ? 64 - c->fill : n;
+    memcpy(c->buf + c->fill, p, take);
+    c->fill += take, p += take, n -= take;
+    if (c->fill == 64) sha_block(c, c->buf), c->fill = 0;
+  }
+}
+
+/* Writes 20 (SHA-1) or 32 bytes; returns the length. */
+static size_t sha_final(Sha *c, uint8_t *out) {
+  uint64_t bits = c->len * 8;
+  uint8_t pad = 0x80, zero = 0, lenbuf[8];
+  sha_update(c, &pad, 1);
+  while (c->fill != 56) sha_update(c, &zero, 1);
+  for (int i = 0; i < 8; i++) lenbuf[i] = (uint8_t)(bits >> (56 - 8 * i));
+  sha_update(c, lenbuf, 8);
+  size_t words = c->sha1 ? 5 : 8;
+  for (size_t i = 0; i < words; i++)
+    for (int j = 0; j < 4; j++) out[4 * i + j] = (uint8_t)(c->h[i] >> (24 - 8 * j));
+  return words * 4;
+}
+
+/* digest(sha1: bool, data) -> ArrayBuffer */
+static JSValue h_digest(JSContext *c, JSValueConst this, int argc, JSValueConst *argv) {
+  Bytes data;
+  if (get_bytes(argv[1], &data)) return JS_EXCEPTION;
+  Sha ctx;
+  uint8_t out[32];
+  sha_init(&ctx, JS_ToBool(c, argv[0]));
+  sha_update(&ctx, (const uint8_t *)(data.ptr ? data.ptr : ""), data.len);
+  free_bytes(&data);
+  size_t n = sha_final(&ctx, out);
+  return JS_NewArrayBufferCopy(c, out, n);
+}
+
+/* hmac(sha1: bool, key, data) -> ArrayBuffer */
+static JSValue h_hmac(JSContext *c, JSValueConst this, int argc, JSValueConst *argv) {
+  int sha1 = JS_ToBool(c, argv[0]);
+  Bytes key, data;
+  if (get_bytes(argv[1], &key)) return JS_EXCEPTION;
+  if (get_bytes(argv[2], &data)) {
+    free_bytes(&key);
+    return JS_EXCEPTION;
+  }
+  uint8_t k[64] = {0}, pad[64], inner[32], out[32];
+  Sha ctx;
+  if (key.len > 64) {
+    sha_init(&ctx, sha1);
+    sha_update(&ctx, (const uint8_t *)key.ptr, key.len);
+    sha_final(&ctx, k);
+  } else if (key.len) {
+    memcpy(k, key.ptr, key.len);
+  }
+  for (int i = 0; i < 64; i++) pad[i] = k[i] ^ 0x36;
+  sha_init(&ctx, sha1);
+  sha_update(&ctx, pad, 64);
+  sha_update(&ctx, (const uint8_t *)(data.ptr ? data.ptr : ""), data.len);
+  size_t n = sha_final(&ctx, inner);
+  for (int i = 0; i < 64; i++) pad[i] = k[i] ^ 0x5c;
+  sha_init(&ctx, sha1);
+  sha_update(&ctx, pad, 64);
+  sha_update(&ctx, inner, n);
+  n = sha_final(&ctx, out);
+  free_bytes(&key);
+  free_bytes(&data);
+  return JS_NewArrayBufferCopy(c, out, n);
+}
+
 /* jsonTooDeep(text, limit): whether brackets outside strings nest deeper than limit. QuickJS's JSON parser
  * recurses on wasmtime's native stack faster than its stack check notices (a trap at ~5,000 levels), so the
  * prelude refuses such input up front with a SyntaxError a script can catch. */
@@ -719,6 +857,8 @@ static JSValue h_arm_timers(JSContext *c, JSValueConst this, int argc, JSValueCo
 
 static const JSCFunctionListEntry host_functions[] = {
     JS_CFUNC_DEF("setHooks", 1, h_set_hooks),
+    JS_CFUNC_DEF("digest", 2, h_digest),
+    JS_CFUNC_DEF("hmac", 3, h_hmac),
     JS_CFUNC_DEF("headerName", 1, h_header_name),
     JS_CFUNC_DEF("headerValue", 1, h_header_value),
     JS_CFUNC_DEF("jsonTooDeep", 2, h_json_too_deep),

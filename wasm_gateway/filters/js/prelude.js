@@ -149,7 +149,54 @@
 
   // ---------------------------------------------------------------------------------------------- crypto
 
+  // crypto.subtle: SHA-1/SHA-256 digests and HMAC keys (sign, verify), computed in C.
+  function hashName(alg) {
+    const name = String(typeof alg === "object" && alg !== null ? alg.name : alg).toUpperCase();
+    if (name === "SHA-256" || name === "SHA-1") return name;
+    throw new DOMException(`crypto.subtle: unsupported hash ${JSON.stringify(String(name))} (SHA-1 and SHA-256 are)`, "NotSupportedError");
+  }
+  class CryptoKey {
+    constructor(secret, hash, usages, extractable) {
+      this[hidden] = secret;
+      this.type = "secret";
+      this.extractable = extractable;
+      this.algorithm = { name: "HMAC", hash: { name: hash }, length: secret.byteLength * 8 };
+      this.usages = usages;
+    }
+  }
+  function hmacKey(key, usage) {
+    if (!(key instanceof CryptoKey)) throw new TypeError("crypto.subtle: expected a CryptoKey from importKey");
+    if (!key.usages.includes(usage)) throw new DOMException(`crypto.subtle: the key may not ${usage}`, "InvalidAccessError");
+    return key;
+  }
+  const subtle = {
+    async digest(algorithm, data) {
+      return host.digest(hashName(algorithm) === "SHA-1", toBytes(data));
+    },
+    async importKey(format, keyData, algorithm, extractable, usages) {
+      if (format !== "raw") throw new DOMException(`crypto.subtle.importKey: format ${JSON.stringify(String(format))} is not supported (raw is)`, "NotSupportedError");
+      const name = String(typeof algorithm === "object" && algorithm !== null ? algorithm.name : algorithm).toUpperCase();
+      if (name !== "HMAC") throw new DOMException(`crypto.subtle.importKey: algorithm ${JSON.stringify(name)} is not supported (HMAC is)`, "NotSupportedError");
+      const usageList = Array.from(usages || []);
+      if (usageList.some((u) => u !== "sign" && u !== "verify")) throw new SyntaxError("crypto.subtle.importKey: HMAC keys can only sign and verify");
+      return new CryptoKey(toBytes(keyData).slice(), hashName(algorithm.hash), usageList, !!extractable);
+    },
+    async sign(algorithm, key, data) {
+      const k = hmacKey(key, "sign");
+      return host.hmac(k.algorithm.hash.name === "SHA-1", k[hidden], toBytes(data));
+    },
+    async verify(algorithm, key, signature, data) {
+      const k = hmacKey(key, "verify");
+      const mac = new Uint8Array(host.hmac(k.algorithm.hash.name === "SHA-1", k[hidden], toBytes(data)));
+      const sig = toBytes(signature);
+      let diff = mac.length ^ sig.length; // constant time in the signature's content
+      for (let i = 0; i < mac.length; i++) diff |= mac[i] ^ (sig[i] | 0);
+      return diff === 0;
+    },
+  };
+
   const crypto = {
+    subtle,
     getRandomValues(array) {
       if (!(ArrayBuffer.isView(array)) || array instanceof Float32Array || array instanceof Float64Array || array instanceof DataView)
         throw new TypeError("crypto.getRandomValues: expected an integer typed array");
@@ -1138,6 +1185,7 @@
   define("DOMException", DOMException);
   define("fetch", fetch);
   define("crypto", crypto);
+  define("CryptoKey", CryptoKey);
   define("atob", atob);
   define("btoa", btoa);
   define("setTimeout", setTimeout);
