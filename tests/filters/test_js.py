@@ -711,3 +711,24 @@ def test_crypto_subtle_digest_and_hmac_match_python(js: JsFilter) -> None:
             assert got[f"{name} hmac"] == hmac.new(key.encode(), raw, algo).hexdigest()
             assert got[f"{name} verify"] is True and got[f"{name} verify bad"] is False
         assert got["md5"] == "NotSupportedError"
+
+
+def test_returning_a_fetched_response_answers_with_it(js: JsFilter) -> None:
+    script = """
+    export function onRequest(request) {
+      const url = new URL(request.url);
+      return fetch(`http://api${url.pathname}`, { headers: { "x-from": "edge" } });
+    }
+    """
+    upstream = (
+        202,
+        [("content-type", "application/json"), ("content-length", "11"), ("connection", "keep-alive")],
+        b'{"ok":true}',
+    )
+    r = js(script, http_calls={"api": lambda req: upstream}).request(path="/items/1")
+    assert r.local_response is not None and not r.upstream_called
+    status, headers, body = r.local_response
+    assert (status, body) == (202, b'{"ok":true}')
+    assert ("content-type", "application/json") in headers
+    assert all(k not in ("content-length", "connection") for k, _ in headers)
+    assert r.http_calls[0].path == "/items/1" and ("x-from", "edge") in r.http_calls[0].headers
