@@ -133,7 +133,7 @@ class MicroTarget:
     preferred: tuple[str, ...]  # regexes that make a matching key a better candidate
     unit: str  # "us" | "ms" | "kb"
     maximum: float
-    step: str = "micro_runtime"  # the micro-benchmark whose JSON holds the number
+    step: str = "micro_runtime"  # the benchmarks/<step>.py whose JSON holds the number
 
 
 MICRO_TARGETS = (
@@ -156,6 +156,18 @@ MICRO_TARGETS = (
         0.5,
     ),
     MicroTarget(3, "pool borrow <= 5 us", r"borrow", (r"median|p50",), "us", 5.0),
+    MicroTarget(
+        9,
+        "JS filter start-up (deserialise + instantiate + configure) <= 2 ms",
+        r"js_cold_start",
+        (),
+        "ms",
+        2.0,
+        "micro_js",
+    ),
+    MicroTarget(
+        9, "JS header-editing filter <= 60 us/request", r"js_header_edit", (), "us", 60.0, "micro_js"
+    ),
     MicroTarget(
         3,
         "memory per pooled instance <= 256 KB",
@@ -298,6 +310,16 @@ def target_checks(results: JsonDict) -> list[TargetCheck]:
             "gateway_all_filters",
             "gateway",
             0.5,
+        )
+    )
+    checks.append(
+        _ratio_target(
+            results,
+            9,
+            "gateway + JS edge function answering /json >= 1.5x Express answering it (small JSON, 32 conn.)",
+            "gateway_js_edge",
+            "express_edge",
+            1.5,
         )
     )
     return checks

@@ -372,7 +372,7 @@ def run(args: argparse.Namespace, registry: ProcessRegistry, command: str) -> in
     needed = ["nginx"] + (["wrk"] if args.loadgen != "python" else [])
     if systems:
         ensure_debian_binaries(needed, tools, log, allow_install)
-    if any(system.name == "express_proxy" for system in systems):
+    if any(system.name in ("express_proxy", "express_edge") for system in systems):
         ensure_npm_packages(work_dir, tools, log, allow_install)
     for name, reason in tools.missing_reasons.items():
         log(f"{name} unavailable: {reason}")

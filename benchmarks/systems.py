@@ -267,6 +267,24 @@ def _start_express_proxy(ctx: RunContext) -> Server:
     return Server(process, port, pinned_cpu=single_cpu(ctx.cpus.server))
 
 
+def _start_express_edge(ctx: RunContext) -> Server:
+    port = free_port()
+    node = ctx.tools.path("node")
+    assert node is not None and ctx.tools.node_modules is not None
+    script = ctx.repo_root / "benchmarks" / "peers" / "express_edge.js"
+    env = dict(os.environ)
+    env["NODE_PATH"] = str(ctx.tools.node_modules)
+    env["NODE_ENV"] = "production"
+    process = ctx.registry.start(
+        "express_edge",
+        pinned([node, str(script), str(port), ctx.origin_url, SMALL_JSON.decode()], ctx.cpus.server),
+        ctx.logs_dir / "express_edge.log",
+        env=env,
+    )
+    wait_until_answers(process, port, "/json", timeout=START_TIMEOUT_SECONDS)
+    return Server(process, port, pinned_cpu=single_cpu(ctx.cpus.server))
+
+
 def _express_unavailable(ctx: RunContext) -> str | None:
     if ctx.tools.node_modules is None or ctx.tools.path("node") is None:
         return f"Express not available: {ctx.tools.missing_reasons.get('express', 'not installed')}"
@@ -345,6 +363,16 @@ BUNDLED_FILTER_BENCH: dict[str, FilterBench] = {
         }
     ),
 }
+
+
+# The JS edge function: answers /json itself with the origin's exact body, passes everything else on.
+JS_EDGE_SCRIPT = (
+    "const BODY = " + json.dumps(SMALL_JSON.decode()) + ";\n"
+    "export function onRequest(request) {\n"
+    '  if (request.method === "GET" && request.url.endsWith("/json"))\n'
+    '    return new Response(BODY, { headers: { "content-type": "application/json" } });\n'
+    "}\n"
+)
 
 
 def _normalised_stem(path: Path) -> str:
@@ -436,6 +464,7 @@ class GatewayVariant:
     workers: int = 1
     filter_stems: tuple[str, ...] = ()
     assemblyscript: bool = False
+    js_edge: bool = False
     extra_skip: str | None = None
     setups: list[FilterSetup] = field(default_factory=list)
 
@@ -459,6 +488,12 @@ class GatewayVariant:
                     "no AssemblyScript filter in tests/fixtures/assemblyscript/build/*.wasm (not built yet)"
                 )
             self.setups.append(FilterSetup(name="assemblyscript", module=module, configuration=""))
+        if self.js_edge:
+            module = bundled_filter_modules(repo_root).get("js")
+            if module is None:
+                return "bundled filter wasm_gateway/filters/js.wasm not built yet"
+            config = json.dumps({"script": JS_EDGE_SCRIPT, "filename": "edge.js"}, separators=(",", ":"))
+            self.setups.append(FilterSetup(name="js_edge", module=module, configuration=config))
         return None
 
     def start(self, ctx: RunContext) -> Server:
@@ -546,6 +581,19 @@ def all_systems() -> list[SystemSpec]:
             GatewayVariant("gateway_assemblyscript", assemblyscript=True),
             "gateway + AssemblyScript filter",
             "a filter built with @solo-io/proxy-runtime",
+        ),
+        SystemSpec(
+            "express_edge",
+            "Express answering the JSON itself",
+            "peer",
+            _start_express_edge,
+            _express_unavailable,
+            "Express 5 answering /json from a route (other paths proxied): the peer of gateway_js_edge",
+        ),
+        gateway_spec(
+            GatewayVariant("gateway_js_edge", js_edge=True),
+            "gateway + JS edge function",
+            "the bundled js filter answering /json itself (QuickJS); other paths go to the origin",
         ),
         gateway_spec(
             GatewayVariant("gateway_cache_hit", extra_skip="response cache not implemented yet (issue 6)"),

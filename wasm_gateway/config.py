@@ -124,6 +124,8 @@ class FilterConfig:
     allowed_dirs: tuple[Path, ...] = ()
     log_level: str = "info"
     max_body_bytes: int = 1024 * 1024
+    sources: tuple[Path, ...] = ()
+    """Files the configuration was read from (the JS filter's script): watched and digested like the module."""
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,12 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 T = TypeVar("T")
 _NO_STRINGS: tuple[str, ...] = ()
+
+
+def _filters_dir() -> Path:
+    from .filters import FILTERS_DIR
+
+    return FILTERS_DIR
 
 
 class _Invalid(Exception):
@@ -637,10 +645,15 @@ class _Validator:
             except _Invalid:
                 continue
             d = FilterConfig(name=name, module=module)
+            sources: tuple[Path, ...] = ()
+            if module.name == "js.wasm" and module.parent == _filters_dir() and "configuration" in t:
+                configuration, sources = self.js_configuration(f"{key}.configuration", t["configuration"])
+            else:
+                configuration = self.get(t, key, "configuration", self.blob, b"")
             out[name] = FilterConfig(
                 name=name,
                 module=module,
-                configuration=self.get(t, key, "configuration", self.blob, b""),
+                configuration=configuration,
                 root_id=self.get(t, key, "root_id", self.string, ""),
                 vm_configuration=self.get(t, key, "vm_configuration", self.blob, b""),
                 failure_policy=self.get(
@@ -666,6 +679,7 @@ class _Validator:
                     "info",
                 ),
                 max_body_bytes=self.get(t, key, "max_body_bytes", self.int_range(0), d.max_body_bytes),
+                sources=sources,
             )
         return out
 
@@ -684,6 +698,54 @@ class _Validator:
         if not p.is_file():
             raise self.error(key, f"module file not found: {p} (path is relative to the config file)")
         return p
+
+    def js_configuration(self, key: str, value: object) -> tuple[bytes, tuple[Path, ...]]:
+        """The bundled JS filter's configuration, its script file read here (relative to the config file),
+        and the files it was read from."""
+        if isinstance(value, str):
+            return self.blob(key, value), ()
+        try:
+            t = self.table(key, value)
+        except _Invalid:
+            return b"", ()
+        self.unknown_keys(
+            key,
+            t,
+            {"script", "source", "env", "buffer_request_body", "buffer_response_body", "fetch_timeout_ms"},
+        )
+        out: dict[str, object] = {}
+        sources: tuple[Path, ...] = ()
+        if ("script" in t) == ("source" in t):
+            self.error(key, 'give either script = "file.js" (a path) or source = "..." (the code itself)')
+            return b"", ()
+        if "script" in t:
+            try:
+                rel = self.string(f"{key}.script", t["script"])
+            except _Invalid:
+                return b"", ()
+            path = Path(rel) if Path(rel).is_absolute() else self.base_dir / rel
+            try:
+                out["script"] = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                self.error(
+                    f"{key}.script", f"cannot read {path}: {exc} (path is relative to the config file)"
+                )
+                return b"", ()
+            out["filename"] = path.name
+            sources = (path,)
+        else:
+            source = t["source"]  # not interpolated: ${...} is JavaScript's template syntax
+            if not isinstance(source, str):
+                self.error(f"{key}.source", f"expected the script as a string, got {_show(source)}")
+                return b"", ()
+            out["script"] = source
+            out["filename"] = "inline.js"
+        no_env: dict[str, str] = {}
+        out["env"] = self.get(t, key, "env", self.string_map, no_env)
+        for flag in ("buffer_request_body", "buffer_response_body"):
+            out[flag] = self.get(t, key, flag, self.boolean, False)
+        out["fetch_timeout_ms"] = self.get(t, key, "fetch_timeout_ms", self.int_range(1, 600_000), 5000)
+        return orjson.dumps(out), sources
 
     def blob(self, key: str, value: object) -> bytes:
         if isinstance(value, str):

@@ -44,7 +44,13 @@ PROCESS_SIGNALS_ENV = "WASM_GATEWAY_PROCESS_SIGNALS"
 
 
 def module_paths(config: GatewayConfig) -> dict[str, Path]:
-    return {name: f.module for name, f in config.filters.items()}
+    """Every file a filter is loaded from: its module, and the files its configuration was read from (a JS
+    filter's script), so a change to any of them is a new version of the config."""
+    paths = {name: f.module for name, f in config.filters.items()}
+    for name, f in config.filters.items():
+        for i, source in enumerate(f.sources):
+            paths[f"{name}\0source{i}"] = source
+    return paths
 
 
 def read_config(path: Path) -> tuple[GatewayConfig, str]:

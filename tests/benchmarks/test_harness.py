@@ -332,3 +332,15 @@ def test_fallback_origin_and_load_generator(tmp_path: Path) -> None:
     assert "loadgen.py" in results["settings"]["load_generator"]
     _assert_measured(results["systems"]["origin"]["runs"]["small@32"])
     assert _processes_mentioning(str(tmp_path / "work")) == []
+
+
+def test_js_filter_targets_come_from_micro_js_and_the_edge_systems() -> None:
+    results = _fake_results({"gateway_js_edge": 9_000, "express_edge": 5_000}, p99_ms=1.0)
+    results["micro"]["micro_js"] = {
+        "status": "ok",
+        "data": {"js_cold_start_ms": 3.0, "js_header_edit_us": 44.0},
+    }
+    assert _status_of(results, "JS filter start-up") == "not met"
+    assert _status_of(results, "JS header-editing filter") == "met"
+    assert _status_of(results, "JS edge function answering /json >= 1.5x Express") == "met"
+    assert _status_of(_fake_results({}, p99_ms=1.0), "JS filter start-up") == "not measured"

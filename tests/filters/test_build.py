@@ -96,3 +96,40 @@ def test_filter_path_names() -> None:
     assert filter_path("transform").is_file()
     with pytest.raises(KeyError, match="no bundled filter 'nope'"):
         filter_path("nope")
+
+
+def test_js_module_shape() -> None:
+    """QuickJS needs WASI (clock, randomness, environment for ctx.env); nothing beyond what the runtime links."""
+    module = wasmtime.Module.from_file(wasmtime.Engine(), str(filter_path("js")))
+    assert {e.name for e in module.exports} == COMMON_EXPORTS | {
+        "_initialize",
+        "proxy_on_vm_start",
+        "proxy_on_request_headers",
+        "proxy_on_request_body",
+        "proxy_on_response_headers",
+        "proxy_on_response_body",
+        "proxy_on_http_call_response",
+    }
+    imports = {(i.module, str(i.name)) for i in module.imports}
+    assert {m for m, _ in imports} == {"env", "wasi_snapshot_preview1"}
+    assert all(n.startswith("proxy_") for m, n in imports if m == "env")
+    assert {n for m, n in imports if m == "wasi_snapshot_preview1"} <= {
+        "clock_time_get",
+        "environ_get",
+        "environ_sizes_get",
+        "fd_close",
+        "fd_fdstat_get",
+        "fd_seek",
+        "fd_write",
+        "proc_exit",
+        "random_get",
+    }
+
+
+def test_quickjs_patches_fail_loudly_on_other_sources(tmp_path: Path) -> None:
+    from wasm_gateway.filters import build
+
+    source = tmp_path / "quickjs.c"
+    source.write_text("/* not the QuickJS we pinned */\n")
+    with pytest.raises(FilterBuildError, match=r"QuickJS patch no longer applies to quickjs\.c"):
+        build._apply_patches(tmp_path)

@@ -1,4 +1,5 @@
-"""The bundled Proxy-Wasm filters: Zig sources in ``zig/``, prebuilt modules shipped next to this file.
+"""The bundled Proxy-Wasm filters: Zig sources in ``zig/``, the JS filter's in ``js/`` (QuickJS, C glue and a
+JS prelude), prebuilt modules shipped next to this file.
 
 Users need no toolchain: the ``.wasm`` files are package data. Rebuild them with
 ``python -m wasm_gateway.filters.build`` (see that module).
@@ -12,7 +13,7 @@ from typing import Final
 __all__ = ["BUNDLED_FILTERS", "FILTERS_DIR", "filter_path"]
 
 FILTERS_DIR: Final = Path(__file__).resolve().parent
-BUNDLED_FILTERS: Final = ("transform", "rate_limit", "auth", "geo")
+BUNDLED_FILTERS: Final = ("transform", "rate_limit", "auth", "geo", "js")
 
 
 def filter_path(name: str) -> Path:
