@@ -71,9 +71,11 @@ def test_check_ok_and_failing(tmp_path: Path, origin: ThreadServer) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_serve_embedded_default_shows_the_four_filters() -> None:
+def test_serve_embedded_default_shows_the_four_filters(tmp_path: Path) -> None:
     port = free_port()
-    with Subprocess("serve", "--port", str(port), port=port) as gw:
+    # Its own state directory: the demo's rate-limit counts persist (by design) across runs on one machine.
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    with Subprocess("serve", "--port", str(port), port=port, env=env) as gw:
         base = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=base, timeout=10) as c:
             assert c.get("/").json()["message"] == "hello from the demo origin"
