@@ -22,32 +22,37 @@ def test_cache_written_then_used(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     first = load_module(path, cache)
     assert first.timings.source == "compile"
-    [entry] = list(cache.iterdir())
+    entry, meta = sorted(cache.iterdir())  # the artifact alone (wasmtime maps it) and its header
+    assert meta.name == entry.name + ".meta"
     second = load_module(path, cache)
     assert second.timings.source == "cache"
     assert second.sha256 == first.sha256
-    assert entry.read_bytes().startswith(b"WGCWASM2 " + first.sha256.encode())
+    assert meta.read_bytes().startswith(b"WGCWASM2 " + first.sha256.encode())
+    assert meta.read_bytes().endswith(b" %d\n" % entry.stat().st_size)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "foreign", "garbage"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "foreign", "garbage", "no-header", "old-format"])
 def test_corrupt_or_foreign_cache_entry_is_recompiled(tmp_path: Path, damage: str) -> None:
     path = write_filter(tmp_path, BODY)
     cache = tmp_path / "cache"
     load_module(path, cache)
-    [entry] = list(cache.iterdir())
-    blob = entry.read_bytes()
+    entry, meta = sorted(cache.iterdir())
+    blob, header = entry.read_bytes(), meta.read_bytes()
     if damage == "truncate":
         entry.write_bytes(blob[: len(blob) // 2])
     elif damage == "flip":
         entry.write_bytes(blob[:-10] + bytes([blob[-10] ^ 0xFF]) + blob[-9:])
     elif damage == "foreign":
-        other = EngineSettings(consume_fuel=True).key()
-        head, _, payload = blob.partition(b"\n")
-        parts = head.split(b" ")
-        parts[2] = other.encode()
-        entry.write_bytes(b" ".join(parts) + b"\n" + payload)
-    else:
-        entry.write_bytes(b"\x00" * 100)
+        parts = header.split(b" ")
+        parts[2] = EngineSettings(consume_fuel=True).key().encode()
+        meta.write_bytes(b" ".join(parts))
+    elif damage == "garbage":
+        meta.write_bytes(b"\x00" * 100)
+    elif damage == "no-header":
+        meta.unlink()
+    else:  # an entry of the previous layout: header and artifact in one file, no sidecar
+        entry.write_bytes(header + blob)
+        meta.unlink()
     again = load_module(path, cache)
     assert again.timings.source == "compile"
     assert load_module(path, cache).timings.source == "cache"  # replaced by a good entry
