@@ -171,7 +171,7 @@ def test_builtin_filter_modules() -> None:
     config = parse_config('[filters.t]\nmodule = "builtin:transform"\n', env={}, source="g.toml")
     assert config.filters["t"].module.name == "transform.wasm" and config.filters["t"].module.is_file()
     errors = errors_of('[filters.t]\nmodule = "builtin:nope"\n')
-    assert errors[0].startswith('gateway.toml: filters.t.module: "builtin:nope": no bundled filter \'nope\'')
+    assert errors[0].startswith("gateway.toml: filters.t.module: \"builtin:nope\": no bundled filter 'nope'")
 
 
 def test_reload_and_drain_keys(tmp_path: Path) -> None:
