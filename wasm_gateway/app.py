@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hmac
 import logging
 import os
 import re
@@ -27,8 +28,18 @@ from urllib.parse import unquote
 
 import orjson
 
-from .config import GatewayConfig, RouteConfig, UpstreamConfig, load_config
-from .exceptions import ConfigError, GatewayError, UpstreamError, UpstreamTimeoutError
+from .cache import CacheStore, Coalescer, Entry, EntryWriter, KeySpec, StoreOptions, open_cache_store
+from .cache import policy as cache_policy
+from .cache.keys import (
+    STRIPPED_ON_CACHED_ROUTES,
+    cache_url,
+    canonical_target,
+    extra_key,
+    primary_key,
+)
+from .cache.policy import Freshness, RequestDirectives, Reuse
+from .config import FilterConfig, GatewayConfig, RouteConfig, UpstreamConfig, load_config
+from .exceptions import ConfigError, GatewayError, StateError, UpstreamError, UpstreamTimeoutError
 from .filtering import (
     FilterHeaders,
     RuntimeMetrics,
@@ -52,7 +63,14 @@ from .forwarding import (
 )
 from .geo import GeoDatabase
 from .logs import AccessLog, configure_logging
-from .metrics import CONTENT_TYPE_LATEST, exposition, gateway_metrics, state_error_counter
+from .metrics import (
+    CONTENT_TYPE_LATEST,
+    CacheMetrics,
+    cache_metrics,
+    exposition,
+    gateway_metrics,
+    state_error_counter,
+)
 from .routing import PathRejected, RouteTable, canonicalize, normalize_host
 from .runtime.chain import ChainStream, Decision, DecisionKind, FilterChain, FilterRuntime
 from .runtime.context import HttpCallRequest, HttpCallResponse, LocalResponse, RequestInfo
@@ -138,6 +156,18 @@ class Gateway:
         self.geo: GeoDatabase | None = None
         self._route_filters: dict[str, _RouteFilters] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # The response cache: only routes that enable it pay for it (one dict lookup per request otherwise).
+        self.cache_store: CacheStore | None = None
+        self._cache_metrics: CacheMetrics | None = None
+        self._cache_routes: dict[str, _RouteCache] = {}
+        self._coalescer = Coalescer()
+        self._refreshes: set[asyncio.Task[None]] = set()
+        purge = config.cache.purge
+        self._purge_path = purge.path if purge.enabled else None
+        self._purge_token = ("Bearer " + purge.token).encode() if purge.enabled and purge.token else None
+        for route in config.routes:
+            if route.cache.enabled and route.upstream is not None:
+                self._cache_routes[route.name] = _RouteCache.build(config, route)
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -162,6 +192,8 @@ class Gateway:
                     await pool.close()
                 self.pools.clear()
                 raise
+        if self._cache_routes or self._purge_path is not None:
+            self._open_cache()
         if self.config.metrics.enabled and self.config.metrics.port is not None:
             self._metrics_server = await _start_metrics_server(
                 self.config.server.host, self.config.metrics.port
@@ -210,6 +242,26 @@ class Gateway:
         if observer is not None:
             self._tasks.append(loop.create_task(self._sync_metrics_forever(runtime)))
 
+    def _open_cache(self) -> None:
+        c = self.config.cache
+        metrics_on = self.config.metrics.enabled
+        self.cache_store = store = open_cache_store(
+            backend=c.backend,
+            max_bytes=c.max_bytes,
+            chunk_bytes=c.chunk_bytes,
+            max_ttl=c.max_ttl_seconds,
+            directory=c.directory,
+            redis_url=c.redis_url or self.config.state.redis_url,
+            key_prefix=c.key_prefix,
+            timeout_ms=c.timeout_ms,
+            on_error=state_error_counter() if metrics_on else None,
+        )
+        if metrics_on:
+            self._cache_metrics = metrics = cache_metrics(shared=c.backend != "memory")
+            for name, rc in self._cache_routes.items():
+                rc.bind_metrics(metrics, name)
+            self._tasks.append(asyncio.get_running_loop().create_task(_sync_cache_metrics(store, metrics)))
+
     async def _filter_http_call(self, request: HttpCallRequest) -> HttpCallResponse:
         return await perform_http_call(self.pools, request)
 
@@ -229,6 +281,11 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        for refresh in list(self._refreshes):
+            refresh.cancel()
+        if self.cache_store is not None:
+            with contextlib.suppress(Exception):
+                await self.cache_store.aclose()
         if self.runtime is not None:
             self.runtime.close()
         if self.state_store is not None:
@@ -310,6 +367,9 @@ class Gateway:
         reserved = self._reserved.get(path)
         if reserved is not None and method in ("GET", "HEAD"):
             await reserved(send)
+            return
+        if path == self._purge_path:
+            await self._purge(exchange, scope, receive, send)
             return
         host: bytes | None = None
         for name, value in headers:
@@ -408,6 +468,9 @@ class Gateway:
         query: bytes = scope.get("query_string", b"")
         target = path + "?" + query.decode("latin-1") if query else path
         filters = self._route_filters.get(route.name)
+        cache = self._cache_routes.get(route.name) if self._cache_routes else None
+        if cache is not None:
+            out_headers = [h for h in out_headers if h[0] not in STRIPPED_ON_CACHED_ROUTES]
         stream: ChainStream | None = None
         try:
             try:
@@ -431,6 +494,14 @@ class Gateway:
                     method, target, out_headers, body = request
             except _RequestEnded as ended:
                 await self._request_ended(exchange, send, ended)
+                return
+            if cache is not None and self.cache_store is not None:
+                await self._cached(
+                    _CacheCall(
+                        exchange, cache, scope, send, stream, filters, upstream_name, method, target,
+                        out_headers, body, host, scheme,
+                    )
+                )  # fmt: skip
                 return
             response = await self._upstream(exchange, upstream_name, send, method, target, out_headers, body)
             if response is None:
@@ -553,6 +624,523 @@ class Gateway:
                 yield chunk
             if not message.get("more_body", False):
                 return
+
+    # -- response cache -------------------------------------------------------------------------------------------
+
+    async def _cached(self, call: _CacheCall) -> None:
+        """A request on a cached route, after its request filters: answer from the store, or fetch (one
+        request per key and process), store and relay. Response filters run on hits as on misses."""
+        rc = call.cache
+        method = call.method
+        if method != "GET" and method != "HEAD":
+            await self._cache_write_through(call)
+            return
+        client_headers: Headers = call.scope["headers"]
+        canonical = canonical_target(call.target)
+        reason = rc.bypass_reason(client_headers, call.body, canonical)
+        if reason is not None:
+            rc.count("bypass")
+            await self._cache_forward(call, call.headers, b"wasm-gateway; fwd=bypass; detail=" + reason)
+            return
+        assert canonical is not None
+        store = self.cache_store
+        assert store is not None
+        directives = cache_policy.request_directives(client_headers, rc.credentials)
+        call.directives = directives
+        call.url = cache_url(call.scheme, call.host.decode("latin-1"), canonical)
+        call.primary = primary = primary_key(call.url)
+        call.extra = extra = extra_key(rc.key_spec, call.headers, call.host, call.scheme.encode())
+        entry, why = await self._cache_lookup(store, primary, extra, call.headers)
+        stale: Entry | None = None
+        fwd = why.encode()
+        if entry is not None:
+            now = time.time()
+            d = cache_policy.decide_reuse(entry.freshness, directives, now)
+            reuse = d.reuse
+            if reuse is Reuse.FRESH:
+                rc.count("hit")
+                await self._serve_entry(call, entry, d.age, b"wasm-gateway; hit; ttl=%d" % int(d.ttl))
+                return
+            if reuse is Reuse.STALE_OK or reuse is Reuse.STALE_REVALIDATE:
+                rc.count("stale")
+                if reuse is Reuse.STALE_REVALIDATE and method == "GET":
+                    self._start_refresh(call, entry)
+                await self._serve_entry(call, entry, d.age, b"wasm-gateway; hit; ttl=%d" % int(d.ttl))
+                return
+            stale = entry if reuse is Reuse.VALIDATE else None
+            fwd = b"request" if directives.no_cache or directives.max_age is not None else b"stale"
+            if reuse is Reuse.MISS:
+                fwd = b"request" if directives.no_cache else b"miss"
+        if directives.only_if_cached:
+            rc.count("miss")
+            call.exchange.extra_headers = [
+                (b"cache-status", b"wasm-gateway; fwd=miss; detail=only-if-cached")
+            ]
+            await call.exchange.error(
+                call.send, 504, "gateway_timeout", "not in cache (only-if-cached)", None
+            )
+            return
+        if method == "HEAD":
+            rc.count("miss")  # a HEAD response has no body to store: forwarded as is
+            await self._cache_forward(call, call.headers, b"wasm-gateway; fwd=" + fwd)
+            return
+        key = primary + extra
+        event = self._coalescer.join(key)
+        if event is not None:
+            rc.coalesced_wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), rc.wait_timeout)
+            entry, _ = await self._cache_lookup(store, primary, extra, call.headers)
+            if entry is not None:
+                d = cache_policy.decide_reuse(entry.freshness, directives, time.time())
+                if d.reuse is Reuse.FRESH or d.reuse is Reuse.STALE_OK:
+                    rc.count("hit")
+                    status = b"wasm-gateway; hit; ttl=%d; collapsed" % int(d.ttl)
+                    await self._serve_entry(call, entry, d.age, status)
+                    return
+            leader = False
+        else:
+            leader = self._coalescer.leads(key)
+        stored = False
+        try:
+            stored = await self._cache_fetch(call, stale, fwd)
+        finally:
+            if leader:
+                self._coalescer.done(key, stored)
+
+    async def _cache_lookup(
+        self, store: CacheStore, primary: bytes, extra: bytes, headers: Headers
+    ) -> tuple[Entry | None, str]:
+        try:
+            return await store.lookup(primary, extra, headers)
+        except (StateError, ValueError) as exc:
+            logger.warning("cache lookup failed (treated as a miss): %s", exc)
+            return None, "miss"
+
+    async def _serve_entry(self, call: _CacheCall, entry: Entry, age: float, cache_status: bytes) -> None:
+        """Answer from a stored entry: Age, Cache-Status, a 304 for a matching conditional request."""
+        exchange = call.exchange
+        request_id = exchange.request_id or b"-"
+        status = entry.status
+        not_modified = cache_policy.client_not_modified(call.scope["headers"], entry.headers, status)
+        if not_modified:
+            status = 304
+            headers = [(n, v) for n, v in entry.headers if n in cache_policy.NOT_MODIFIED_FIELDS]
+        else:
+            headers = list(entry.headers)
+        headers.append((b"age", b"%d" % int(age)))
+        headers.append((b"cache-status", cache_status))
+        headers.append((self._request_id_header, request_id))
+        no_body = not_modified or exchange.method == "HEAD" or status in (204, 304) or status < 200
+        body = entry.body
+        chunks: AsyncIterator[bytes] | None = None
+        if body is None and not no_body:
+            assert self.cache_store is not None
+            chunks = self.cache_store.body_chunks(entry)
+        filters = call.filters
+        try:
+            if call.stream is not None and filters is not None and filters.response_phase:
+                relay = _ResponseRelay(exchange, call.send, call.stream, filters.response_body)
+                if status not in (204, 304) and status >= 200:
+                    headers.append((b"content-length", b"%d" % entry.body_len))
+                if not await relay.start(status, headers, no_body):
+                    return
+                if no_body:
+                    await relay.finish_empty()
+                elif body is not None:
+                    if not await relay.body(body, True):
+                        return
+                else:
+                    assert chunks is not None
+                    async for chunk in chunks:
+                        if not await relay.body(chunk, False):
+                            return
+                    await relay.body(b"", True)
+            else:
+                if status not in (204, 304) and status >= 200:
+                    headers.append((b"content-length", b"%d" % entry.body_len))
+                exchange.status = status
+                send = call.send
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                if no_body:
+                    await send({"type": "http.response.body", "body": b""})
+                elif body is not None:
+                    await send({"type": "http.response.body", "body": body})
+                    exchange.bytes_sent = len(body)
+                else:
+                    assert chunks is not None
+                    sent = 0
+                    async for chunk in chunks:
+                        sent += len(chunk)
+                        exchange.bytes_sent = sent
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except StateError as exc:
+            # A body chunk was evicted under a response already started: never a silently short body.
+            logger.warning("request %s: cached body incomplete: %s", request_id.decode(), exc)
+            exchange.aborted = True
+            exchange.log()
+            return
+        except OSError:
+            exchange.aborted = True
+        if not exchange.aborted:
+            exchange.log()
+
+    async def _cache_forward(self, call: _CacheCall, headers: Headers, cache_status: bytes) -> None:
+        """Forward without the store (bypass, HEAD miss): the upstream answer plus Cache-Status."""
+        response = await self._upstream(
+            call.exchange, call.upstream, call.send, call.method, call.target, headers, call.body
+        )
+        if response is None:
+            return
+        await self._relay_cache_response(call, response, cache_status, None)
+
+    async def _cache_write_through(self, call: _CacheCall) -> None:
+        """Unsafe methods go to the origin; a non-error answer invalidates the target URI and the same-origin
+        Location / Content-Location (RFC 9111 4.4)."""
+        response = await self._upstream(
+            call.exchange, call.upstream, call.send, call.method, call.target, call.headers, call.body
+        )
+        if response is None:
+            return
+        host = normalize_host(call.host.decode("latin-1"))
+        store = self.cache_store
+        assert store is not None
+        targets = cache_policy.invalidation_targets(
+            call.method, response.status, call.scheme, host, call.target, response.headers
+        )
+        for target in targets:
+            canonical = canonical_target(target)
+            if canonical is None:
+                continue
+            try:
+                await store.invalidate(primary_key(cache_url(call.scheme, host, canonical)))
+            except (StateError, ValueError) as exc:
+                logger.warning("cache invalidation failed: %s", exc)
+        await self._relay_cache_response(call, response, None, None)
+
+    async def _cache_fetch(self, call: _CacheCall, stale: Entry | None, fwd: bytes) -> bool:
+        """Fetch (conditionally when ``stale`` has validators), store when allowed, answer. True when an
+        entry was stored or refreshed (waiters can then be answered from the store)."""
+        rc = call.cache
+        exchange = call.exchange
+        headers = [h for h in call.headers if h[0] not in _CLIENT_CONDITIONALS]
+        if stale is not None:
+            headers.extend(cache_policy.conditional_headers(stale.headers))
+        request_time = time.time()
+        started = time.perf_counter()
+        try:
+            response = await self.pools[call.upstream].request(
+                "GET", call.target, headers, call.body, idempotent=True
+            )
+        except UpstreamError as exc:
+            self._count_upstream_error(call.upstream, exc)
+            if stale is not None and cache_policy.may_serve_on_error(stale.freshness, time.time()):
+                rc.count("stale")
+                age = cache_policy.current_age(stale.freshness, time.time())
+                ttl = stale.freshness.lifetime - age
+                status = b"wasm-gateway; hit; ttl=%d; detail=stale-if-error" % int(ttl)
+                await self._serve_entry(call, stale, age, status)
+                return False
+            status_code = 504 if isinstance(exc, UpstreamTimeoutError) else 502
+            logger.warning("request %s: %s", (exchange.request_id or b"-").decode(), exc)
+            exchange.extra_headers = [(b"cache-status", b"wasm-gateway; fwd=" + fwd)]
+            await exchange.error(
+                call.send,
+                status_code,
+                "gateway_timeout" if status_code == 504 else "bad_gateway",
+                f"upstream {call.upstream!r} {'timed out' if status_code == 504 else 'failed'}",
+                None,
+            )
+            return False
+        exchange.upstream_duration = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.upstream_child(call.upstream).observe(exchange.upstream_duration)
+        response_time = time.time()
+        assert self.cache_store is not None
+        if stale is not None:
+            if response.status == 304:
+                await response.aclose()
+                entry = await self._merge_304(call, stale, response.headers, request_time, response_time)
+                rc.count("revalidated")
+                now = time.time()
+                age = cache_policy.current_age(entry.freshness, now)
+                await self._serve_entry(call, entry, age, b"wasm-gateway; fwd=" + fwd + b"; fwd-status=304")
+                return True
+            if response.status >= 500 and cache_policy.may_serve_on_error(stale.freshness, response_time):
+                await response.aclose()
+                rc.count("stale")
+                age = cache_policy.current_age(stale.freshness, response_time)
+                ttl = stale.freshness.lifetime - age
+                await self._serve_entry(
+                    call, stale, age, b"wasm-gateway; hit; ttl=%d; detail=stale-if-error" % int(ttl)
+                )
+                return False
+        fresh = cache_policy.freshness_for(
+            response.status,
+            response.headers,
+            request=call.directives,
+            request_time=request_time,
+            response_time=response_time,
+            options=rc.options,
+        )
+        vary = cache_policy.parse_vary(response.headers)
+        writer: EntryWriter | None = None
+        fwd_status = b"" if stale is None else b"; fwd-status=%d" % response.status
+        if isinstance(fresh, Freshness) and vary is not None:
+            length = _content_length(response.headers)
+            if length is not None and length > rc.max_object_bytes:
+                detail = b"; detail=too-large"
+            else:
+                writer = self.cache_store.writer(rc.max_object_bytes)
+                detail = b"; stored"
+        else:
+            detail = b"; detail=" + (fresh if isinstance(fresh, str) else "too-large").encode()
+        rc.count("miss" if writer is not None else "uncacheable")
+        cache_status = b"wasm-gateway; fwd=" + fwd + fwd_status + detail
+        if writer is None:
+            await self._relay_cache_response(call, response, cache_status, None)
+            return False
+        assert isinstance(fresh, Freshness) and vary is not None
+        complete = await self._relay_cache_response(call, response, cache_status, writer)
+        if not complete or writer.failed:
+            if not writer.failed:
+                with contextlib.suppress(StateError):
+                    await writer.abort()
+            return False
+        try:
+            await self.cache_store.commit(
+                writer,
+                call.primary,
+                call.extra,
+                vary,
+                call.headers,
+                response.status,
+                cache_policy.headers_to_store(response.headers, rc.options),
+                fresh,
+                call.url,
+            )
+        except (StateError, ValueError) as exc:
+            logger.warning("cache store failed (response not cached): %s", exc)
+            return False
+        return True
+
+    async def _merge_304(
+        self,
+        call: _CacheCall,
+        stale: Entry,
+        fresh_headers: Headers,
+        request_time: float,
+        response_time: float,
+    ) -> Entry:
+        """A 304 from the origin: its headers into the stored entry, freshness recomputed (RFC 9111 4.3.4)."""
+        assert self.cache_store is not None
+        merged = cache_policy.merge_not_modified(stale.headers, fresh_headers)
+        if merged is None:
+            return stale
+        date = [(n, v) for n, v in fresh_headers if n == b"date" or n == b"age"]
+        freshness = cache_policy.freshness_for(
+            stale.status,
+            [*merged, *date],
+            request=call.directives,
+            request_time=request_time,
+            response_time=response_time,
+            options=call.cache.options,
+        )
+        if not isinstance(freshness, Freshness):
+            return Entry(
+                stale.key,
+                stale.status,
+                merged,
+                stale.freshness,
+                stale.url,
+                stale.body,
+                stale.body_len,
+                stale.chunks,
+                stale.body_id,
+            )
+        try:
+            return await self.cache_store.update(stale, merged, freshness)
+        except (StateError, ValueError) as exc:
+            logger.warning("cache update after 304 failed: %s", exc)
+            return stale
+
+    async def _relay_cache_response(
+        self,
+        call: _CacheCall,
+        response: UpstreamResponse,
+        cache_status: bytes | None,
+        writer: EntryWriter | None,
+    ) -> bool:
+        """Relay an upstream response (through the response filters when the route has them), feeding
+        ``writer`` with the body as received. True when the whole body arrived."""
+        exchange = call.exchange
+        headers = response_headers(
+            response.headers, request_id=exchange.request_id, request_id_header=self._request_id_header
+        )
+        if cache_status is not None:
+            headers.append((b"cache-status", cache_status))
+        status = response.status
+        no_body = exchange.method == "HEAD" or status in (204, 304) or status < 200
+        filters = call.filters
+        stream = call.stream
+        relay = (
+            _ResponseRelay(exchange, call.send, stream, filters.response_body)
+            if stream is not None and filters is not None and filters.response_phase
+            else None
+        )
+        complete = False
+        try:
+            try:
+                if relay is not None:
+                    if not await relay.start(status, headers, no_body):
+                        return False
+                else:
+                    exchange.status = status
+                    await call.send({"type": "http.response.start", "status": status, "headers": headers})
+                sent = 0
+                if not no_body:
+                    async for chunk in response.body():
+                        if writer is not None and not writer.failed:
+                            await _feed(writer, chunk)
+                        sent += len(chunk)
+                        if relay is not None:
+                            if not await relay.body(chunk, False):
+                                return False
+                        else:
+                            await call.send({"type": "http.response.body", "body": chunk, "more_body": True})
+                complete = True
+                if relay is not None:
+                    if no_body:
+                        await relay.finish_empty()
+                    else:
+                        await relay.body(b"", True)
+                else:
+                    await call.send({"type": "http.response.body", "body": b"", "more_body": False})
+                    exchange.bytes_sent = sent
+            except UpstreamError as exc:
+                self._abort(
+                    exchange, call.upstream, exc, relay.sent if relay is not None else exchange.bytes_sent
+                )
+                return False
+            except OSError:
+                exchange.aborted = True
+        finally:
+            await response.aclose()
+        if not exchange.aborted:
+            exchange.log()
+        return complete
+
+    def _start_refresh(self, call: _CacheCall, entry: Entry) -> None:
+        """stale-while-revalidate: refresh in the background, once per key and process."""
+        key = call.primary + call.extra
+        if self._coalescer.join(key) is not None:
+            return  # a fetch for this key is already under way
+        task = asyncio.get_running_loop().create_task(self._refresh(call, entry, key))
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)
+
+    async def _refresh(self, call: _CacheCall, entry: Entry, key: bytes) -> None:
+        store = self.cache_store
+        assert store is not None
+        rc = call.cache
+        try:
+            headers = [h for h in call.headers if h[0] not in _CLIENT_CONDITIONALS]
+            headers.extend(cache_policy.conditional_headers(entry.headers))
+            request_time = time.time()
+            response = await self.pools[call.upstream].request(
+                "GET", call.target, headers, BodySource(None), idempotent=True
+            )
+            response_time = time.time()
+            try:
+                if response.status == 304:
+                    await self._merge_304(call, entry, response.headers, request_time, response_time)
+                    return
+                fresh = cache_policy.freshness_for(
+                    response.status,
+                    response.headers,
+                    request=call.directives,
+                    request_time=request_time,
+                    response_time=response_time,
+                    options=rc.options,
+                )
+                vary = cache_policy.parse_vary(response.headers)
+                if not isinstance(fresh, Freshness) or vary is None:
+                    return
+                writer = store.writer(rc.max_object_bytes)
+                async for chunk in response.body():
+                    if not await writer.feed(chunk):
+                        return
+                await store.commit(
+                    writer,
+                    call.primary,
+                    call.extra,
+                    vary,
+                    call.headers,
+                    response.status,
+                    cache_policy.headers_to_store(response.headers, rc.options),
+                    fresh,
+                    call.url,
+                )
+            finally:
+                await response.aclose()
+        except (UpstreamError, StateError, ValueError) as exc:
+            logger.warning("background cache refresh of %s failed: %s", call.url, exc)
+        finally:
+            self._coalescer.done(key, True)  # never "pass": the next miss may fetch and store
+
+    async def _purge(self, exchange: _Exchange, scope: Scope, receive: Receive, send: Send) -> None:
+        """POST {"url": ...} or {"prefix": ...} with ``Authorization: Bearer <token>``."""
+        token = self._purge_token
+        presented = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                presented = value
+        if token is None or not hmac.compare_digest(presented, token):
+            exchange.extra_headers = [(b"www-authenticate", b'Bearer realm="cache-purge"')]
+            await exchange.error(send, 401, "unauthorized", "a valid purge token is required", "auth")
+            return
+        if exchange.method != "POST":
+            exchange.extra_headers = [(b"allow", b"POST")]
+            await exchange.error(send, 405, "method_not_allowed", "use POST", "method")
+            return
+        try:
+            raw = await _read_limited(receive, 64 * 1024)
+            data = orjson.loads(raw) if raw else None
+        except (orjson.JSONDecodeError, _BodyTooLarge):
+            data = None
+        except _ClientGone:
+            return
+        store = self.cache_store
+        url = data.get("url") if isinstance(data, dict) else None
+        prefix = data.get("prefix") if isinstance(data, dict) else None
+        if store is None or not (isinstance(url, str) ^ isinstance(prefix, str)):
+            await exchange.error(
+                send, 400, "bad_request", 'expected JSON {"url": "..."} or {"prefix": "..."}', None
+            )
+            return
+        try:
+            if isinstance(url, str):
+                normalised = _purge_url(url)
+                if normalised is None:
+                    await exchange.error(send, 400, "bad_request", "url must be http(s)://host/path", None)
+                    return
+                removed = await store.invalidate(primary_key(normalised))
+                result: dict[str, Any] = {"purged": "url", "url": normalised, "removed": removed}
+            else:
+                assert isinstance(prefix, str)
+                normalised = _purge_url(prefix, prefix=True)
+                if normalised is None:
+                    await exchange.error(send, 400, "bad_request", "prefix must be http(s)://host/...", None)
+                    return
+                await store.purge_prefix(normalised)
+                result = {"purged": "prefix", "prefix": normalised}
+        except (StateError, ValueError) as exc:
+            await exchange.error(send, 503, "unavailable", f"cache store failed: {exc}", None)
+            return
+        exchange.status = 200
+        await _send_json(send, 200, result)
+        exchange.log()
 
     # -- filters --------------------------------------------------------------------------------------------------
 
@@ -1386,3 +1974,266 @@ def create_app(config: GatewayConfig | str | os.PathLike[str] | None = None) -> 
         config = load_config(config)
     configure_logging(config.log)
     return Gateway(config)
+
+
+# ------------------------------------------------------------------------------------------------ response cache
+
+# Client conditionals and ranges are answered by the cache itself: never forwarded on a fetch to fill it.
+_CLIENT_CONDITIONALS = frozenset(
+    {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range", b"range"}
+)
+_LOOKUP_RESULTS = ("hit", "miss", "stale", "revalidated", "bypass", "uncacheable")
+
+
+class _RouteCache:
+    """A cached route's settings, resolved once at start-up, and its pre-bound metric children."""
+
+    __slots__ = (
+        "_coalesced",
+        "_lookups",
+        "bypass_headers",
+        "bypass_paths",
+        "credentials",
+        "key_spec",
+        "max_object_bytes",
+        "options",
+        "wait_timeout",
+    )
+
+    def __init__(
+        self,
+        key_spec: KeySpec,
+        options: StoreOptions,
+        max_object_bytes: int,
+        bypass_headers: frozenset[bytes],
+        bypass_paths: tuple[str, ...],
+        credentials: frozenset[bytes],
+        wait_timeout: float,
+    ) -> None:
+        self.key_spec = key_spec
+        self.options = options
+        self.max_object_bytes = max_object_bytes
+        self.bypass_headers = bypass_headers
+        self.bypass_paths = bypass_paths
+        self.credentials = credentials
+        self.wait_timeout = wait_timeout
+        self._lookups: dict[str, Any] = {}
+        self._coalesced: Any = None
+
+    @classmethod
+    def build(cls, config: GatewayConfig, route: RouteConfig) -> _RouteCache:
+        c = route.cache
+        assert route.upstream is not None
+        upstream = config.upstreams[route.upstream]
+        return cls(
+            key_spec=KeySpec(
+                headers=tuple(h.encode() for h in c.key_headers),
+                cookie=c.key_cookie.encode() if c.key_cookie else None,
+            ),
+            options=StoreOptions(
+                default_ttl=c.default_ttl,
+                heuristic=c.heuristic,
+                store_set_cookie=c.store_set_cookie,
+                keep_stale=config.cache.keep_stale_seconds,
+            ),
+            max_object_bytes=c.max_object_bytes
+            if c.max_object_bytes is not None
+            else config.cache.max_object_bytes,
+            bypass_headers=frozenset(h.encode() for h in c.bypass_headers) | {b"range"},
+            bypass_paths=c.bypass_paths,
+            credentials=_credential_headers(config, route),
+            wait_timeout=upstream.read_timeout or config.server.timeouts.upstream_read,
+        )
+
+    def bind_metrics(self, metrics: CacheMetrics, route: str) -> None:
+        self._lookups = {r: metrics.lookups.labels(route, r) for r in _LOOKUP_RESULTS}
+        self._coalesced = metrics.coalesced_waits.labels(route)
+
+    def count(self, result: str) -> None:
+        child = self._lookups.get(result)
+        if child is not None:
+            child.inc()
+
+    def coalesced_wait(self) -> None:
+        if self._coalesced is not None:
+            self._coalesced.inc()
+
+    def bypass_reason(self, headers: Headers, body: BodySource, canonical: str | None) -> bytes | None:
+        if canonical is None:
+            return b"path"
+        if body.chunks is not None:
+            return b"request-body"  # a "fat GET": its body must not shape what others are served
+        bypass = self.bypass_headers
+        for name, _ in headers:
+            if name in bypass:
+                return b"header-" + name
+        if self.bypass_paths:
+            path = canonical.split("?", 1)[0]
+            for prefix in self.bypass_paths:
+                if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                    return b"path"
+        return None
+
+
+class _CacheCall:
+    """One request on a cached route, as it goes upstream (after the request filters)."""
+
+    __slots__ = (
+        "body",
+        "cache",
+        "directives",
+        "exchange",
+        "extra",
+        "filters",
+        "headers",
+        "host",
+        "method",
+        "primary",
+        "scheme",
+        "scope",
+        "send",
+        "stream",
+        "target",
+        "upstream",
+        "url",
+    )
+
+    def __init__(
+        self,
+        exchange: _Exchange,
+        cache: _RouteCache,
+        scope: Scope,
+        send: Send,
+        stream: ChainStream | None,
+        filters: _RouteFilters | None,
+        upstream: str,
+        method: str,
+        target: str,
+        headers: Headers,
+        body: BodySource,
+        host: bytes,
+        scheme: str,
+    ) -> None:
+        self.exchange = exchange
+        self.cache = cache
+        self.scope = scope
+        self.send = send
+        self.stream = stream
+        self.filters = filters
+        self.upstream = upstream
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.body = body
+        self.host = host
+        self.scheme = scheme
+        self.directives = RequestDirectives()
+        self.url = ""
+        self.primary = b""
+        self.extra = b""
+
+
+def _credential_headers(config: GatewayConfig, route: RouteConfig) -> frozenset[bytes]:
+    """Headers that carry a credential on this route: Authorization, and the headers the route's bundled
+    auth filter reads keys and tokens from (it may strip them before the upstream, so the cache looks at
+    what the client sent)."""
+    names = {b"authorization", b"proxy-authorization"}
+    for filter_name in route.filters:
+        spec = config.filters.get(filter_name)
+        if spec is not None:
+            names |= _auth_filter_headers(spec)
+    return frozenset(names)
+
+
+def _auth_filter_headers(spec: FilterConfig) -> set[bytes]:
+    from .filters import filter_path
+
+    if spec.module != filter_path("auth"):
+        return set()
+    try:
+        conf = orjson.loads(spec.configuration) if spec.configuration else {}
+    except orjson.JSONDecodeError:
+        return set()
+    out: set[bytes] = set()
+    if not isinstance(conf, dict):
+        return out
+    keys = conf.get("api_keys")
+    if isinstance(keys, dict):
+        header = keys.get("header", None if "query_param" in keys else "x-api-key")
+        if isinstance(header, str):
+            out.add(header.lower().encode())
+    jwt = conf.get("jwt")
+    if isinstance(jwt, dict):
+        header = jwt.get("header", "authorization")
+        if isinstance(header, str):
+            out.add(header.lower().encode())
+    return out
+
+
+async def _feed(writer: EntryWriter, chunk: bytes) -> None:
+    try:
+        await writer.feed(chunk)
+    except (StateError, ValueError) as exc:
+        logger.warning("cache store failed while streaming (response not cached): %s", exc)
+        writer.failed = True
+        with contextlib.suppress(StateError):
+            await writer.abort()
+
+
+def _content_length(headers: Headers) -> int | None:
+    for name, value in headers:
+        if name == b"content-length" and value.isdigit():
+            return int(value)
+    return None
+
+
+def _purge_url(url: str, prefix: bool = False) -> str | None:
+    """A purge URL in the form entries are filed under (canonical host and path), or None."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return None
+    authority, slash, target = rest.partition("/")
+    if not authority or not _valid_host(authority.encode("latin-1", "replace")):
+        return None
+    target = "/" + target if slash else "/"
+    if prefix:
+        canonical: str | None = target  # a prefix may end mid-segment: compared as a string
+    else:
+        canonical = canonical_target(target)
+    if canonical is None:
+        return None
+    return cache_url(scheme.lower(), authority, canonical)
+
+
+async def _read_limited(receive: Receive, limit: int) -> bytes:
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone()
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            raise _BodyTooLarge()
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def _sync_cache_metrics(store: CacheStore, metrics: CacheMetrics, interval: float = 2.0) -> None:
+    """Stored bytes and records from the engine (shared stores: every process reports the same numbers),
+    evictions as this process's delta."""
+    evictions = 0
+    while True:
+        try:
+            stats = store.stats()
+        except StateError:
+            stats = None
+        if stats is not None:
+            metrics.stored_bytes.set(stats.bytes)
+            metrics.entries.set(stats.records)
+            if stats.evictions > evictions:
+                metrics.evictions.inc(stats.evictions - evictions)
+                evictions = stats.evictions
+        await asyncio.sleep(interval)
