@@ -206,15 +206,33 @@ def test_stale_with_validator_revalidates() -> None:
 def test_request_directives() -> None:
     f = entry(("cache-control", "max-age=60"), ("etag", '"v1"'))
     at = NOW + 30
-    assert p.decide_reuse(f, p.request_directives(H(("cache-control", "no-cache"))), at).reuse is Reuse.VALIDATE
+    assert (
+        p.decide_reuse(f, p.request_directives(H(("cache-control", "no-cache"))), at).reuse is Reuse.VALIDATE
+    )
     assert p.decide_reuse(f, p.request_directives(H(("pragma", "no-cache"))), at).reuse is Reuse.VALIDATE
-    assert p.decide_reuse(f, p.request_directives(H(("cache-control", "max-age=10"))), at).reuse is Reuse.VALIDATE
-    assert p.decide_reuse(f, p.request_directives(H(("cache-control", "max-age=40"))), at).reuse is Reuse.FRESH
-    assert p.decide_reuse(f, p.request_directives(H(("cache-control", "min-fresh=40"))), at).reuse is Reuse.VALIDATE
-    assert p.decide_reuse(f, p.request_directives(H(("cache-control", "min-fresh=20"))), at).reuse is Reuse.FRESH
+    assert (
+        p.decide_reuse(f, p.request_directives(H(("cache-control", "max-age=10"))), at).reuse
+        is Reuse.VALIDATE
+    )
+    assert (
+        p.decide_reuse(f, p.request_directives(H(("cache-control", "max-age=40"))), at).reuse is Reuse.FRESH
+    )
+    assert (
+        p.decide_reuse(f, p.request_directives(H(("cache-control", "min-fresh=40"))), at).reuse
+        is Reuse.VALIDATE
+    )
+    assert (
+        p.decide_reuse(f, p.request_directives(H(("cache-control", "min-fresh=20"))), at).reuse is Reuse.FRESH
+    )
     late = NOW + 70
-    assert p.decide_reuse(f, p.request_directives(H(("cache-control", "max-stale=20"))), late).reuse is Reuse.STALE_OK
-    assert p.decide_reuse(f, p.request_directives(H(("cache-control", "max-stale=5"))), late).reuse is Reuse.VALIDATE
+    assert (
+        p.decide_reuse(f, p.request_directives(H(("cache-control", "max-stale=20"))), late).reuse
+        is Reuse.STALE_OK
+    )
+    assert (
+        p.decide_reuse(f, p.request_directives(H(("cache-control", "max-stale=5"))), late).reuse
+        is Reuse.VALIDATE
+    )
     assert p.decide_reuse(f, p.request_directives(H(("cache-control", "max-stale"))), late + 9999).reuse is (
         Reuse.STALE_OK
     )
@@ -238,7 +256,9 @@ def test_must_revalidate_forbids_stale() -> None:
 def test_stale_while_revalidate_and_stale_if_error() -> None:
     f = entry(("cache-control", "max-age=60, stale-while-revalidate=30, stale-if-error=300"))
     assert p.decide_reuse(f, RequestDirectives(), NOW + 80).reuse is Reuse.STALE_REVALIDATE
-    assert p.decide_reuse(f, RequestDirectives(), NOW + 100).reuse is Reuse.VALIDATE  # sie keeps it for errors
+    assert (
+        p.decide_reuse(f, RequestDirectives(), NOW + 100).reuse is Reuse.VALIDATE
+    )  # sie keeps it for errors
     assert p.may_serve_on_error(f, NOW + 300)
     assert not p.may_serve_on_error(f, NOW + 400)
     assert f.keep_for == 60 + 300
