@@ -131,8 +131,10 @@ def gateway_config(
     route_cache: str = "enabled = true",
     extra: str = "",
     route_extra: str = "",
+    top: str = "",
 ) -> str:
     return f"""
+{top}
 {cache_section(backend, tmp_path)}
 [upstreams.origin]
 targets = ["127.0.0.1:{origin_port}"]

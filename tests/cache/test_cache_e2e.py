@@ -268,7 +268,7 @@ def test_purge_endpoint(backend: str, start_gateway: StartGateway, origin: Cache
 def _lookups(text: str) -> dict[str, float]:
     out = {}
     for line in text.splitlines():
-        if line.startswith('wasm_gateway_cache_lookups_total{') and 'route="cached"' in line:
+        if line.startswith("wasm_gateway_cache_lookups_total{") and 'route="cached"' in line:
             result = line.split('result="', 1)[1].split('"', 1)[0]
             out[result] = float(line.rsplit(" ", 1)[1])
     return out

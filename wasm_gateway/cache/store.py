@@ -271,12 +271,14 @@ class CacheStore:
         record = encode_entry(
             status, headers, freshness, url, body, writer.size, writer.chunks, writer.body_id
         )
-        if not vary and not extra:
+        found = await self.kv.get(b"u" + primary)
+        if not vary and not extra and (found is None or found[0][:1] != _INDEX):
             key = b"u" + primary
         else:
+            # Once a URI has variants, its plain entry lives beside them (overwriting the index with it
+            # would turn every other variant into a miss, and back, at each store).
             key = b"v" + secondary_key(primary, extra, vary, request_headers)
             index = _INDEX + b"\n".join(vary)
-            found = await self.kv.get(b"u" + primary)
             if found is None or found[0] != index:
                 await self.kv.set(b"u" + primary, index, ttl=self.max_ttl)
         old = await self.kv.get(key)
