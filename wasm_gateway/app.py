@@ -636,7 +636,8 @@ class Gateway:
             await self._cache_write_through(call)
             return
         client_headers: Headers = call.scope["headers"]
-        canonical = canonical_target(call.target)
+        # Without filters the target is the canonical path the route matched (plus the query).
+        canonical = call.target if call.stream is None else canonical_target(call.target)
         reason = rc.bypass_reason(client_headers, call.body, canonical)
         if reason is not None:
             rc.count("bypass")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from hashlib import sha256
 
 from ..routing import PathRejected, canonicalize, normalize_host
@@ -67,7 +68,12 @@ def canonical_target(target: str) -> str | None:
 
 def cache_url(scheme: str, host: str, target: str) -> str:
     """The URL an entry is filed under (what purges name): ``scheme://host/path?query``."""
-    return f"{scheme}://{normalize_host(host)}{target}"
+    return f"{scheme}://{_normalized_host(host)}{target}"
+
+
+@lru_cache(maxsize=1024)
+def _normalized_host(host: str) -> str:
+    return normalize_host(host)
 
 
 def primary_key(url: str) -> bytes:

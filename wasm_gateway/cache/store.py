@@ -45,6 +45,8 @@ _INDEX = b"V"
 _PURGES = b"purges"
 PURGE_REFRESH_S = 1.0
 _CHUNK_TTL_SLACK = 60.0
+_MEMO_MAX_RECORD = 128 * 1024
+_MEMO_MAX_BYTES = 32 * 1024 * 1024
 
 
 class Entry:
@@ -189,6 +191,8 @@ class CacheStore:
         self._close = close
         self._purges: list[tuple[str, float]] = []
         self._purges_loaded = -1e18
+        self._memo: dict[bytes, tuple[int, int, Entry]] = {}
+        self._memo_bytes = 0
 
     def stats(self) -> StoreStats | None:
         return self._stats() if self._stats is not None else None
@@ -205,29 +209,47 @@ class CacheStore:
         """(entry, "") or (None, why): "uri-miss" (nothing for the URI) or "vary-miss" (not this variant)."""
         from .keys import secondary_key
 
-        found = await self.kv.get(b"u" + primary)
+        key = b"u" + primary
+        found = await self.kv.get(key)
         if found is None:
             return None, "uri-miss"
-        raw = found[0]
+        raw, cas = found
         if raw[:1] == _ENTRY:
             if extra:
                 return None, "vary-miss"
-            entry = decode_entry(b"u" + primary, raw)
         elif raw[:1] == _INDEX:
             vary = [n for n in raw[1:].split(b"\n") if n]
             key = b"v" + secondary_key(primary, extra, vary, headers)
             found = await self.kv.get(key)
             if found is None:
                 return None, "vary-miss"
-            entry = decode_entry(key, found[0])
+            raw, cas = found
         else:
             return None, "uri-miss"
+        entry = self._decode(key, raw, cas)
         if entry is None:
             return None, "uri-miss"
         if await self._purged(entry):
             await self.kv.delete(entry.key)
             return None, "uri-miss"
         return entry, ""
+
+    def _decode(self, key: bytes, raw: bytes, cas: int) -> Entry | None:
+        """Parse a record, or reuse this process's parse of it: every write changes a record's cas (and its
+        length), so (cas, length) names one version; a memo bounded by bytes keeps hot entries parsed."""
+        memo = self._memo.get(key)
+        if memo is not None and memo[0] == cas and memo[1] == len(raw):
+            return memo[2]
+        entry = decode_entry(key, raw)
+        if entry is not None and len(raw) <= _MEMO_MAX_RECORD:
+            if self._memo_bytes + len(raw) > _MEMO_MAX_BYTES:
+                self._memo.clear()
+                self._memo_bytes = 0
+            if memo is not None:
+                self._memo_bytes -= memo[1]
+            self._memo[key] = (cas, len(raw), entry)
+            self._memo_bytes += len(raw)
+        return entry
 
     async def body_chunks(self, entry: Entry) -> AsyncIterator[bytes]:
         """The body of a chunked entry. Raises `StateError` when a chunk has gone (evicted)."""

@@ -1,0 +1,231 @@
+"""Cache-hit throughput (numbers to read, not to assert): the gateway answering from its response cache
+against a raw uvicorn ASGI app answering the same body from memory, side by side in one run, for 1 KB and
+64 KB bodies and each cache backend (memory, local LMDB, Redis on 127.0.0.1:6379 when it answers).
+
+Both servers run one process pinned to CPU 0, wrk (one thread, 32 connections) to CPU 1; the gateway has
+metrics on and the access log off, as in the harness. Issue 6's target: hit requests/s >= 60% of raw.
+
+    python benchmarks/micro_cache.py                 # 3 repetitions of 5 s per case (~2 min)
+    python benchmarks/micro_cache.py --quick --json  # 1 repetition of 1 s; JSON on the last line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.load import LoadSpec, PythonLoadGenerator, Wrk  # noqa: E402
+
+SIZES = ("1k", "64k")
+BACKENDS = ("memory", "local", "redis")
+TARGET = 0.60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_ready(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                r.read()
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def pin(command: list[str], cpu: str) -> list[str]:
+    return (
+        ["taskset", "-c", cpu, *command]
+        if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1
+        else command
+    )  # type: ignore[operator]
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with log.open("wb") as out:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def redis_answers() -> str | None:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            if s.recv(16).startswith(b"+PONG"):
+                return None
+    except OSError as exc:
+        return f"redis at 127.0.0.1:6379 does not answer ({exc})"
+    return "redis at 127.0.0.1:6379 does not answer PING"
+
+
+def gateway_toml(port: int, origin_port: int, backend: str, work: Path) -> str:
+    cache = [f'backend = "{backend}"']
+    if backend == "local":
+        cache.append(f'path = "{work / "cache-lmdb"}"')
+    if backend == "redis":
+        cache.append(f'key_prefix = "micro-cache-{uuid.uuid4().hex}:"')
+    return "\n".join(
+        [
+            "[server]",
+            'host = "127.0.0.1"',
+            f"port = {port}",
+            "[cache]",
+            *cache,
+            "[upstreams.origin]",
+            f'targets = ["127.0.0.1:{origin_port}"]',
+            "[[routes]]",
+            'name = "bench"',
+            'path_prefix = "/"',
+            'upstream = "origin"',
+            "cache = { enabled = true }",
+            "[log]",
+            'level = "warning"',
+            "access_log = false",
+            "",
+        ]
+    )
+
+
+def measure(loader: Any, url: str, duration: int, reps: int, connections: int) -> dict[str, float]:
+    runs = [loader.run(LoadSpec(url=url, connections=connections, duration_s=duration)) for _ in range(reps)]
+    for r in runs:
+        if r.non_2xx or r.socket_errors:
+            raise RuntimeError(f"{url}: {r.non_2xx} non-2xx answers, {r.socket_errors} socket errors")
+    return {
+        "rps": statistics.median(r.rps for r in runs),
+        "p50_ms": statistics.median(r.p50_ms for r in runs),
+        "p99_ms": statistics.median(r.p99_ms for r in runs),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="1 repetition of 1 s per case")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
+    parser.add_argument("--duration", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    args = parser.parse_args(argv)
+    duration = args.duration or (1 if args.quick else 5)
+    reps = args.reps or (1 if args.quick else 3)
+    work = Path(tempfile.mkdtemp(prefix="micro-cache-"))
+    wrk = shutil.which("wrk")
+    loader: Any = Wrk(wrk, work, "1", None) if wrk else PythonLoadGenerator(ROOT, "1")
+    results: dict[str, Any] = {
+        "load": loader.name,
+        "duration_s": duration,
+        "reps": reps,
+        "connections": args.connections,
+        "raw": {},
+        "gateway": {},
+        "skipped": {},
+    }
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        origin_port = free_port()
+        origin = start(
+            [sys.executable, "-m", "benchmarks.peers.cache_bodies", "--port", str(origin_port)],
+            work / "origin.log",
+        )
+        processes.append(origin)
+        wait_ready(f"http://127.0.0.1:{origin_port}/1k")
+        raw_port = free_port()
+        raw = start(
+            pin([sys.executable, "-m", "benchmarks.peers.cache_bodies", "--port", str(raw_port)], "0"),
+            work / "raw.log",
+        )
+        processes.append(raw)
+        wait_ready(f"http://127.0.0.1:{raw_port}/1k")
+        for size in SIZES:
+            results["raw"][size] = measure(
+                loader, f"http://127.0.0.1:{raw_port}/{size}", duration, reps, args.connections
+            )
+        stop(raw)
+        for backend in [b for b in args.backends.split(",") if b]:
+            if backend == "redis":
+                reason = redis_answers()
+                if reason:
+                    results["skipped"][backend] = reason
+                    continue
+            port = free_port()
+            config = work / f"gateway-{backend}.toml"
+            config.write_text(gateway_toml(port, origin_port, backend, work))
+            gateway = start(
+                pin([sys.executable, "-m", "wasm_gateway", "serve", "--config", str(config)], "0"),
+                work / f"gateway-{backend}.log",
+            )
+            processes.append(gateway)
+            try:
+                for size in SIZES:
+                    url = f"http://127.0.0.1:{port}/{size}"
+                    wait_ready(url)
+                    with urllib.request.urlopen(url, timeout=5) as r:
+                        status = r.headers.get("cache-status", "")
+                        r.read()
+                    if not status.startswith("wasm-gateway; hit"):
+                        raise RuntimeError(f"{backend} {size}: not a cache hit after warm-up ({status!r})")
+                    m = measure(loader, url, duration, reps, args.connections)
+                    m["ratio"] = m["rps"] / results["raw"][size]["rps"]
+                    results["gateway"].setdefault(backend, {})[size] = m
+            finally:
+                stop(gateway)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                stop(process)
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"cache hits vs raw uvicorn, {args.connections} connections, {loader.name}, {reps} x {duration} s")
+    print(f"{'system':<22}{'body':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'vs raw':>8}")
+    for size in SIZES:
+        r = results["raw"][size]
+        print(f"{'raw uvicorn':<22}{size:>6}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{'':>8}")
+        for backend, by_size in results["gateway"].items():
+            g = by_size[size]
+            mark = "" if g["ratio"] >= TARGET else " (<60%)"
+            print(
+                f"{'gateway hit ' + backend:<22}{size:>6}{g['rps']:>10.0f}{g['p50_ms']:>9.2f}"
+                f"{g['p99_ms']:>9.2f}{g['ratio']:>7.0%}{mark}"
+            )
+    for backend, reason in results["skipped"].items():
+        print(f"skipped {backend}: {reason}")
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
