@@ -686,12 +686,14 @@ class Gateway:
             await self._cache_forward(call, call.headers, b"wasm-gateway; fwd=" + fwd)
             return
         key = primary + extra
-        event = self._coalescer.join(key)
-        if event is not None:
+        flight = self._coalescer.join(key)
+        if flight is not None:
             rc.coalesced_wait()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), rc.wait_timeout)
-            entry, _ = await self._cache_lookup(store, primary, extra, call.headers)
+                await asyncio.wait_for(flight.wait(), rc.wait_timeout)
+            entry = flight.entry
+            if entry is None:
+                entry, _ = await self._cache_lookup(store, primary, extra, call.headers)
             if entry is not None:
                 d = cache_policy.decide_reuse(entry.freshness, directives, time.time())
                 if d.reuse is Reuse.FRESH or d.reuse is Reuse.STALE_OK:
@@ -910,17 +912,16 @@ class Gateway:
                     await writer.abort()
             return False
         try:
-            await self.cache_store.commit(
+            entry = await self.cache_store.finish(
                 writer,
-                call.primary,
-                call.extra,
-                vary,
-                call.headers,
                 response.status,
                 cache_policy.headers_to_store(response.headers, rc.options),
                 fresh,
                 call.url,
             )
+            if entry.body is not None and self._coalescer.leads(call.primary + call.extra):
+                self._coalescer.hand_over(call.primary + call.extra, entry)
+            await self.cache_store.publish(entry, call.primary, call.extra, vary, call.headers)
         except (StateError, ValueError) as exc:
             logger.warning("cache store failed (response not cached): %s", exc)
             return False

@@ -279,19 +279,44 @@ class CacheStore:
         headers: Headers,
         freshness: Freshness,
         url: str,
-    ) -> None:
-        """Publish a complete entry (its chunks are already written)."""
-        from .keys import secondary_key
+    ) -> Entry:
+        """Publish a complete entry (its chunks are already written); the entry as stored. `finish` and
+        `publish` in one, for callers that need not hold the entry when publishing fails."""
+        entry = await self.finish(writer, status, headers, freshness, url)
+        await self.publish(entry, primary, extra, vary, request_headers)
+        return entry
 
+    async def finish(
+        self, writer: EntryWriter, status: int, headers: Headers, freshness: Freshness, url: str
+    ) -> Entry:
+        """The entry a complete body makes (its last chunk written, or the body inline)."""
         body: bytes | None = None
         if writer.chunks == 0:
             body = b"".join(writer.parts)
         else:
             await writer.flush()
         writer.parts = []
-        ttl = min(freshness.keep_for, self.max_ttl)
+        return Entry(
+            b"", status, list(headers), freshness, url, body, writer.size, writer.chunks, writer.body_id
+        )
+
+    async def publish(
+        self, entry: Entry, primary: bytes, extra: bytes, vary: Sequence[bytes], request_headers: Headers
+    ) -> None:
+        """Write the entry's record where lookups find it (after its chunks, so readers never see a body
+        still being written)."""
+        from .keys import secondary_key
+
+        ttl = min(entry.freshness.keep_for, self.max_ttl)
         record = encode_entry(
-            status, headers, freshness, url, body, writer.size, writer.chunks, writer.body_id
+            entry.status,
+            entry.headers,
+            entry.freshness,
+            entry.url,
+            entry.body,
+            entry.body_len,
+            entry.chunks,
+            entry.body_id,
         )
         found = await self.kv.get(b"u" + primary)
         if not vary and not extra and (found is None or found[0][:1] != _INDEX):
@@ -303,11 +328,12 @@ class CacheStore:
             index = _INDEX + b"\n".join(vary)
             if found is None or found[0] != index:
                 await self.kv.set(b"u" + primary, index, ttl=self.max_ttl)
+        entry.key = key
         old = await self.kv.get(key)
         await self.kv.set(key, record, ttl=ttl)
         if old is not None:
             previous = decode_entry(key, old[0])
-            if previous is not None and previous.chunks and previous.body_id != writer.body_id:
+            if previous is not None and previous.chunks and previous.body_id != entry.body_id:
                 await self.delete_body(previous)
 
     async def update(self, entry: Entry, headers: Headers, freshness: Freshness) -> Entry:
