@@ -36,6 +36,7 @@ from .cache.keys import (
     canonical_target,
     extra_key,
     primary_key,
+    secondary_key,
 )
 from .cache.policy import Freshness, RequestDirectives, Reuse
 from .config import FilterConfig, GatewayConfig, RouteConfig, UpstreamConfig, load_config
@@ -691,7 +692,13 @@ class Gateway:
             rc.coalesced_wait()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(flight.wait(), rc.wait_timeout)
-            entry = flight.entry
+            entry = None
+            handed = flight.entry
+            if handed is not None:
+                # The leader's variant, unless the response varies on a header this request sends otherwise.
+                vary, variant = handed[1], handed[2]
+                if not vary or secondary_key(primary, extra, vary, call.headers) == variant:
+                    entry = handed[0]
             if entry is None:
                 entry, _ = await self._cache_lookup(store, primary, extra, call.headers)
             if entry is not None:
@@ -919,8 +926,10 @@ class Gateway:
                 fresh,
                 call.url,
             )
-            if entry.body is not None and self._coalescer.leads(call.primary + call.extra):
-                self._coalescer.hand_over(call.primary + call.extra, entry)
+            key = call.primary + call.extra
+            if entry.body is not None and self._coalescer.leads(key):
+                variant = secondary_key(call.primary, call.extra, vary, call.headers) if vary else b""
+                self._coalescer.hand_over(key, (entry, vary, variant))
             await self.cache_store.publish(entry, call.primary, call.extra, vary, call.headers)
         except (StateError, ValueError) as exc:
             logger.warning("cache store failed (response not cached): %s", exc)

@@ -265,3 +265,59 @@ def test_500_concurrent_misses_make_one_upstream_request(
     results = asyncio.run(run())
     assert origin.counts["/cold"] == 1
     assert all(r == (200, "GET /cold?key=1 #1") for r in results)
+
+
+TRANSFORM = """
+[filters.tag]
+module = "builtin:transform"
+
+[filters.tag.configuration.response.headers]
+set = { x-per-answer = "from-filter" }
+remove = ["x-internal"]
+
+[filters.tag.configuration.response.body]
+edits = [{ op = "set", pointer = "/filtered", value = true }]
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_response_filters_run_on_hits_and_never_enter_the_cache(
+    backend: str, start_gateway: StartGateway, origin: CacheOrigin
+) -> None:
+    origin.handlers["/doc"] = lambda s: (
+        200,
+        [("cache-control", "max-age=60"), ("content-type", "application/json"), ("x-internal", "secret")],
+        b'{"n": %d}' % s.count,
+    )
+    gw = start_gateway(backend, extra=TRANSFORM, route_extra='filters = ["tag"]')
+    with client(gw) as c:
+        miss = c.get("/doc")
+        hit = c.get("/doc")
+        head = c.head("/doc")
+    for r in (miss, hit):
+        assert r.headers["x-per-answer"] == "from-filter" and "x-internal" not in r.headers
+        assert r.json() == {"n": 1, "filtered": True}
+    assert hit.headers["cache-status"].startswith("wasm-gateway; hit")
+    assert head.headers["x-per-answer"] == "from-filter" and head.content == b""
+    assert origin.counts["/doc"] == 1
+
+
+def test_coalesced_waiters_get_their_own_variant(start_gateway: StartGateway, origin: CacheOrigin) -> None:
+    origin.delay = 0.3
+    origin.handlers["/hello"] = respond(
+        ("cache-control", "max-age=60"),
+        ("vary", "accept-language"),
+        body=lambda s: s.headers.get("accept-language", "-").encode(),
+    )
+    gw = start_gateway("memory")
+
+    async def run() -> list[tuple[str, str]]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+            async def one(lang: str) -> tuple[str, str]:
+                async with session.get(gw.url + "/hello", headers={"accept-language": lang}) as r:
+                    return lang, await r.text()
+
+            return await asyncio.gather(*(one(lang) for lang in ["de", "fr", "it"] * 20))
+
+    assert all(lang == body for lang, body in asyncio.run(run()))
