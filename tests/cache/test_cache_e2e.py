@@ -296,3 +296,20 @@ def test_metrics(backend: str, start_gateway: StartGateway, origin: CacheOrigin)
         "wasm_gateway_cache_coalesced_waits_total",
     ):
         assert name in text
+
+
+def test_a_store_that_is_down_means_misses_not_errors(
+    backend: str, origin_server: tuple[ThreadServer, CacheOrigin], origin: CacheOrigin, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    if backend != "redis":
+        pytest.skip("only a remote store can be down")
+    from tests.cache.conftest import gateway_config
+    from tests.conftest import free_port
+
+    text = gateway_config(backend, tmp_path, origin_server[0].port).replace(
+        "redis://127.0.0.1:6379/0", f"redis://127.0.0.1:{free_port()}/0"
+    )
+    with gateway_server(text, tmp_path) as gw, client(gw) as c:
+        answers = [c.get("/down") for _ in range(3)]
+    assert [r.status_code for r in answers] == [200, 200, 200]
+    assert [r.text for r in answers] == ["GET /down? #1", "GET /down? #2", "GET /down? #3"]
