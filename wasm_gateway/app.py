@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -912,29 +912,36 @@ class Gateway:
             await self._relay_cache_response(call, response, cache_status, None)
             return False
         assert isinstance(fresh, Freshness) and vary is not None
-        complete = await self._relay_cache_response(call, response, cache_status, writer)
-        if not complete or writer.failed:
-            if not writer.failed:
-                with contextlib.suppress(StateError):
-                    await writer.abort()
-            return False
-        try:
-            entry = await self.cache_store.finish(
-                writer,
-                response.status,
-                cache_policy.headers_to_store(response.headers, rc.options),
-                fresh,
-                call.url,
-            )
-            key = call.primary + call.extra
-            if entry.body is not None and self._coalescer.leads(key):
-                variant = secondary_key(call.primary, call.extra, vary, call.headers) if vary else b""
-                self._coalescer.hand_over(key, (entry, vary, variant))
-            await self.cache_store.publish(entry, call.primary, call.extra, vary, call.headers)
-        except (StateError, ValueError) as exc:
-            logger.warning("cache store failed (response not cached): %s", exc)
-            return False
-        return True
+        store = self.cache_store
+        published = False
+
+        async def publish() -> None:
+            # Before the client sees the end of the body: a client that asks again finds the entry.
+            nonlocal published
+            if writer.failed:
+                return
+            try:
+                entry = await store.finish(
+                    writer,
+                    response.status,
+                    cache_policy.headers_to_store(response.headers, rc.options),
+                    fresh,
+                    call.url,
+                )
+                key = call.primary + call.extra
+                if entry.body is not None and self._coalescer.leads(key):
+                    variant = secondary_key(call.primary, call.extra, vary, call.headers) if vary else b""
+                    self._coalescer.hand_over(key, (entry, vary, variant))
+                await store.publish(entry, call.primary, call.extra, vary, call.headers)
+                published = True
+            except (StateError, ValueError) as exc:
+                logger.warning("cache store failed (response not cached): %s", exc)
+
+        complete = await self._relay_cache_response(call, response, cache_status, writer, publish)
+        if not complete and not published and not writer.failed:
+            with contextlib.suppress(StateError):
+                await writer.abort()
+        return published
 
     async def _merge_304(
         self,
@@ -982,9 +989,11 @@ class Gateway:
         response: UpstreamResponse,
         cache_status: bytes | None,
         writer: EntryWriter | None,
+        on_complete: Callable[[], Awaitable[None]] | None = None,
     ) -> bool:
         """Relay an upstream response (through the response filters when the route has them), feeding
-        ``writer`` with the body as received. True when the whole body arrived."""
+        ``writer`` with the body as received; ``on_complete`` runs once the whole body arrived, before the
+        client gets its end. True when the whole body arrived."""
         exchange = call.exchange
         headers = response_headers(
             response.headers, request_id=exchange.request_id, request_id_header=self._request_id_header
@@ -1021,6 +1030,8 @@ class Gateway:
                         else:
                             await call.send({"type": "http.response.body", "body": chunk, "more_body": True})
                 complete = True
+                if on_complete is not None:
+                    await on_complete()
                 if relay is not None:
                     if no_body:
                         await relay.finish_empty()

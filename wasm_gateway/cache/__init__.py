@@ -53,9 +53,11 @@ def open_cache_store(
     key_prefix: str = "wasm-gateway:cache:",
     timeout_ms: int = 250,
     on_error: ErrorHook | None = None,
+    near_ttl: float = 1.0,
 ) -> CacheStore:
     """A store of its own (own bounds, own LMDB directory or Redis prefix): a burst of cached objects must
-    never evict the rate limiter's counters that share ``[state]``."""
+    never evict the rate limiter's counters that share ``[state]``. ``near_ttl``: Redis only, how long a
+    process reuses records it read (0: every lookup asks Redis)."""
     from pathlib import Path
 
     max_entries = max(1024, max_bytes // _BYTES_PER_RECORD)
@@ -112,4 +114,5 @@ def open_cache_store(
         max_ttl=max_ttl,
         stats=None,
         close=state.aclose,
+        near_ttl=near_ttl,
     )

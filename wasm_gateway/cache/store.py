@@ -47,6 +47,7 @@ PURGE_REFRESH_S = 1.0
 _CHUNK_TTL_SLACK = 60.0
 _MEMO_MAX_RECORD = 128 * 1024
 _MEMO_MAX_BYTES = 32 * 1024 * 1024
+_NEAR_MAX_RECORDS = 16_384
 
 
 class Entry:
@@ -182,6 +183,7 @@ class CacheStore:
         max_ttl: float = 86_400.0,
         stats: Callable[[], StoreStats] | None = None,
         close: Callable[[], object] | None = None,
+        near_ttl: float = 0.0,
     ) -> None:
         self.kv = kv
         self.backend = backend
@@ -193,6 +195,12 @@ class CacheStore:
         self._purges_loaded = -1e18
         self._memo: dict[bytes, tuple[int, int, Entry]] = {}
         self._memo_bytes = 0
+        # Remote stores: records read in the last near_ttl seconds are reused without a round trip (a purge
+        # or invalidation made by another process reaches this one within near_ttl, like prefix purges).
+        self._near_ttl = near_ttl
+        self._near: dict[bytes, tuple[float, tuple[bytes, int] | None]] = {}
+        self._near_bytes = 0
+        self._writes = 0
 
     def stats(self) -> StoreStats | None:
         return self._stats() if self._stats is not None else None
@@ -210,7 +218,7 @@ class CacheStore:
         from .keys import secondary_key
 
         key = b"u" + primary
-        found = await self.kv.get(key)
+        found = await self._get(key)
         if found is None:
             return None, "uri-miss"
         raw, cas = found
@@ -220,7 +228,7 @@ class CacheStore:
         elif raw[:1] == _INDEX:
             vary = [n for n in raw[1:].split(b"\n") if n]
             key = b"v" + secondary_key(primary, extra, vary, headers)
-            found = await self.kv.get(key)
+            found = await self._get(key)
             if found is None:
                 return None, "vary-miss"
             raw, cas = found
@@ -230,9 +238,41 @@ class CacheStore:
         if entry is None:
             return None, "uri-miss"
         if await self._purged(entry):
-            await self.kv.delete(entry.key)
+            await self._delete(entry.key)
             return None, "uri-miss"
         return entry, ""
+
+    async def _get(self, key: bytes) -> tuple[bytes, int] | None:
+        if not self._near_ttl:
+            return await self.kv.get(key)
+        now = time.monotonic()
+        near = self._near.get(key)
+        if near is not None and near[0] > now:
+            return near[1]
+        writes = self._writes
+        found = await self.kv.get(key)
+        size = len(found[0]) if found is not None else 0
+        # A write of this process during the read may have overtaken it: then the answer is not kept.
+        if size <= _MEMO_MAX_RECORD and writes == self._writes:
+            if len(self._near) >= _NEAR_MAX_RECORDS or self._near_bytes + size > _MEMO_MAX_BYTES:
+                self._near.clear()
+                self._near_bytes = 0
+            self._near[key] = (now + self._near_ttl, found)
+            self._near_bytes += size
+        return found
+
+    def _forget(self, key: bytes) -> None:
+        self._writes += 1
+        if self._near:
+            self._near.pop(key, None)
+
+    async def _set(self, key: bytes, value: bytes, ttl: float) -> None:
+        self._forget(key)
+        await self.kv.set(key, value, ttl=ttl)
+
+    async def _delete(self, key: bytes) -> bool:
+        self._forget(key)
+        return await self.kv.delete(key)
 
     def _decode(self, key: bytes, raw: bytes, cas: int) -> Entry | None:
         """Parse a record, or reuse this process's parse of it: every write changes a record's cas (and its
@@ -327,10 +367,10 @@ class CacheStore:
             key = b"v" + secondary_key(primary, extra, vary, request_headers)
             index = _INDEX + b"\n".join(vary)
             if found is None or found[0] != index:
-                await self.kv.set(b"u" + primary, index, ttl=self.max_ttl)
+                await self._set(b"u" + primary, index, self.max_ttl)
         entry.key = key
         old = await self.kv.get(key)
-        await self.kv.set(key, record, ttl=ttl)
+        await self._set(key, record, ttl)
         if old is not None:
             previous = decode_entry(key, old[0])
             if previous is not None and previous.chunks and previous.body_id != entry.body_id:
@@ -349,7 +389,7 @@ class CacheStore:
             entry.body_id,
         )
         ttl = min(freshness.keep_for, self.max_ttl)
-        await self.kv.set(entry.key, record, ttl=ttl)
+        await self._set(entry.key, record, ttl)
         if entry.chunks:
             for index in range(entry.chunks):  # the body must outlive the refreshed entry
                 chunk_key = b"b" + entry.body_id + _CHUNK.pack(index)
@@ -374,7 +414,7 @@ class CacheStore:
 
     async def invalidate(self, primary: bytes) -> bool:
         """Drop every variant of a URI (one delete: variants are reached through the URI record)."""
-        return await self.kv.delete(b"u" + primary)
+        return await self._delete(b"u" + primary)
 
     # -- purge rules
 
