@@ -56,6 +56,7 @@ from .filtering import (
     valid_target,
 )
 from .forwarding import (
+    HOP_BY_HOP,
     ForwardingPolicy,
     client_address,
     request_id_for,
@@ -457,6 +458,23 @@ class Gateway:
         peer = exchange.peer
         request_id = exchange.identify(headers, policy)
         scheme = scope.get("scheme", "http")
+        query: bytes = scope.get("query_string", b"")
+        target = path + "?" + query.decode("latin-1") if query else path
+        filters = self._route_filters.get(route.name)
+        cache = self._cache_routes.get(route.name) if self._cache_routes else None
+        if cache is not None and filters is None:
+            # The hit path builds the upstream headers only when a key part needs them (or never).
+            body = await self._cache_body(receive, exchange, send, body_length, chunked)
+            if body is None:
+                return
+            trusted = peer is not None and policy.is_trusted(peer)
+            await self._cached(
+                _CacheCall(
+                    exchange, cache, scope, send, None, None, upstream_name, method, target,
+                    None, body, host, scheme, trusted, policy,
+                )
+            )  # fmt: skip
+            return
         out_headers = upstream_request_headers(
             headers,
             peer=peer,
@@ -466,10 +484,6 @@ class Gateway:
             policy=policy,
             request_id=request_id,
         )
-        query: bytes = scope.get("query_string", b"")
-        target = path + "?" + query.decode("latin-1") if query else path
-        filters = self._route_filters.get(route.name)
-        cache = self._cache_routes.get(route.name) if self._cache_routes else None
         if cache is not None:
             out_headers = [h for h in out_headers if h[0] not in STRIPPED_ON_CACHED_ROUTES]
         stream: ChainStream | None = None
@@ -496,11 +510,11 @@ class Gateway:
             except _RequestEnded as ended:
                 await self._request_ended(exchange, send, ended)
                 return
-            if cache is not None and self.cache_store is not None:
+            if cache is not None:
                 await self._cached(
                     _CacheCall(
                         exchange, cache, scope, send, stream, filters, upstream_name, method, target,
-                        out_headers, body, host, scheme,
+                        out_headers, body, host, scheme, True, policy,
                     )
                 )  # fmt: skip
                 return
@@ -651,8 +665,15 @@ class Gateway:
         call.directives = directives
         call.url = cache_url(call.scheme, call.host.decode("latin-1"), canonical)
         call.primary = primary = primary_key(call.url)
-        call.extra = extra = extra_key(rc.key_spec, call.headers, call.host, call.scheme.encode())
-        entry, why = await self._cache_lookup(store, primary, extra, call.headers)
+        if call.forwarded_keys or rc.managed_key_headers:
+            call.extra = extra = extra_key(rc.key_spec, call.headers, call.host, call.scheme.encode())
+        else:
+            # An untrusted peer's forwarding headers are replaced by the gateway's (Host and the scheme):
+            # the key parts read from what the client sent are those the upstream would get.
+            call.extra = extra = extra_key(
+                rc.key_spec, client_headers, call.host, call.scheme.encode(), False
+            )
+        entry, why = await self._cache_lookup(store, primary, extra, call.vary_headers)
         stale: Entry | None = None
         fwd = why.encode()
         if entry is not None:
@@ -700,7 +721,7 @@ class Gateway:
                 if not vary or secondary_key(primary, extra, vary, call.headers) == variant:
                     entry = handed[0]
             if entry is None:
-                entry, _ = await self._cache_lookup(store, primary, extra, call.headers)
+                entry, _ = await self._cache_lookup(store, primary, extra, call.vary_headers)
             if entry is not None:
                 d = cache_policy.decide_reuse(entry.freshness, directives, time.time())
                 if d.reuse is Reuse.FRESH or d.reuse is Reuse.STALE_OK:
@@ -718,8 +739,17 @@ class Gateway:
             if leader:
                 self._coalescer.done(key, stored)
 
+    async def _cache_body(
+        self, receive: Receive, exchange: _Exchange, send: Send, body_length: int | None, chunked: bool
+    ) -> BodySource | None:
+        try:
+            return await self._request_body(receive, exchange, body_length, chunked)
+        except _RequestEnded as ended:
+            await self._request_ended(exchange, send, ended)
+            return None
+
     async def _cache_lookup(
-        self, store: CacheStore, primary: bytes, extra: bytes, headers: Headers
+        self, store: CacheStore, primary: bytes, extra: bytes, headers: Callable[[], Headers]
     ) -> tuple[Entry | None, str]:
         try:
             return await store.lookup(primary, extra, headers)
@@ -2004,6 +2034,17 @@ def create_app(config: GatewayConfig | str | os.PathLike[str] | None = None) -> 
 _CLIENT_CONDITIONALS = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range", b"range"}
 )
+_MANAGED_HEADERS = HOP_BY_HOP | {
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"forwarded",
+    b"x-real-ip",
+    b"via",
+    b"content-length",
+    b"x-request-id",
+    *STRIPPED_ON_CACHED_ROUTES,
+}
 _LOOKUP_RESULTS = ("hit", "miss", "stale", "revalidated", "bypass", "uncacheable")
 
 
@@ -2017,6 +2058,7 @@ class _RouteCache:
         "bypass_paths",
         "credentials",
         "key_spec",
+        "managed_key_headers",
         "max_object_bytes",
         "options",
         "wait_timeout",
@@ -2039,6 +2081,8 @@ class _RouteCache:
         self.bypass_paths = bypass_paths
         self.credentials = credentials
         self.wait_timeout = wait_timeout
+        # Key headers the gateway sets or drops itself: read from the upstream headers, never the client's.
+        self.managed_key_headers = any(h in _MANAGED_HEADERS or h == b"host" for h in key_spec.headers)
         self._lookups: dict[str, Any] = {}
         self._coalesced: Any = None
 
@@ -2101,15 +2145,17 @@ class _CacheCall:
     """One request on a cached route, as it goes upstream (after the request filters)."""
 
     __slots__ = (
+        "_headers",
         "body",
         "cache",
         "directives",
         "exchange",
         "extra",
         "filters",
-        "headers",
+        "forwarded_keys",
         "host",
         "method",
+        "policy",
         "primary",
         "scheme",
         "scope",
@@ -2131,10 +2177,12 @@ class _CacheCall:
         upstream: str,
         method: str,
         target: str,
-        headers: Headers,
+        headers: Headers | None,
         body: BodySource,
         host: bytes,
         scheme: str,
+        forwarded_keys: bool,
+        policy: ForwardingPolicy,
     ) -> None:
         self.exchange = exchange
         self.cache = cache
@@ -2145,7 +2193,10 @@ class _CacheCall:
         self.upstream = upstream
         self.method = method
         self.target = target
-        self.headers = headers
+        self._headers = headers
+        self.forwarded_keys = forwarded_keys
+        """Key parts come from the upstream headers (filters ran, or a trusted proxy's forwarding headers)."""
+        self.policy = policy
         self.body = body
         self.host = host
         self.scheme = scheme
@@ -2153,6 +2204,30 @@ class _CacheCall:
         self.url = ""
         self.primary = b""
         self.extra = b""
+
+    @property
+    def headers(self) -> Headers:
+        """The request headers as they go upstream (built on first use on routes without filters)."""
+        headers = self._headers
+        if headers is None:
+            exchange = self.exchange
+            headers = self._headers = [
+                h
+                for h in upstream_request_headers(
+                    self.scope["headers"],
+                    peer=exchange.peer,
+                    client=exchange.client,
+                    scheme=self.scheme,
+                    host=self.host,
+                    policy=self.policy,
+                    request_id=exchange.request_id or b"-",
+                )
+                if h[0] not in STRIPPED_ON_CACHED_ROUTES
+            ]
+        return headers
+
+    def vary_headers(self) -> Headers:
+        return self.headers
 
 
 def _credential_headers(config: GatewayConfig, route: RouteConfig) -> frozenset[bytes]:

@@ -321,3 +321,25 @@ def test_coalesced_waiters_get_their_own_variant(start_gateway: StartGateway, or
             return await asyncio.gather(*(one(lang) for lang in ["de", "fr", "it"] * 20))
 
     assert all(lang == body for lang, body in asyncio.run(run()))
+
+
+def test_key_headers_without_filters(start_gateway: StartGateway, origin: CacheOrigin) -> None:
+    """Key parts read from what the client sent (no filters, untrusted peer) and from what the gateway sends
+    (a managed header: X-Forwarded-For is the peer's address, whatever the client claims)."""
+    origin.handlers["/t"] = lambda s: (
+        200,
+        [("cache-control", "max-age=60")],
+        f"{s.headers.get('x-tenant')} {s.headers.get('x-forwarded-for')} #{s.count}".encode(),
+    )
+    gw = start_gateway("memory", route_cache='enabled = true, key_headers = ["x-tenant"]')
+    with client(gw) as c:
+        a = c.get("/t", headers={"x-tenant": "a"}).text
+        b = c.get("/t", headers={"x-tenant": "b"}).text
+        assert c.get("/t", headers={"x-tenant": "a"}).text == a == "a 127.0.0.1 #1"
+        assert b == "b 127.0.0.1 #2"
+    gw2 = start_gateway("memory", route_cache='enabled = true, key_headers = ["x-forwarded-for"]')
+    with client(gw2) as c:
+        first = c.get("/t", headers={"x-forwarded-for": "6.6.6.6"}).text
+        second = c.get("/t", headers={"x-forwarded-for": "7.7.7.7"})
+    assert first == "None 127.0.0.1 #3"
+    assert second.text == first and second.headers["cache-status"].startswith("wasm-gateway; hit")

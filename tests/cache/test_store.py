@@ -44,7 +44,7 @@ async def put(store: CacheStore, url: str, body: bytes, *, vary: tuple[bytes, ..
 
 
 async def read_body(store: CacheStore, url: str, extra: bytes = b"", headers=()) -> bytes | None:  # type: ignore[no-untyped-def]
-    entry, _ = await store.lookup(primary_key(url), extra, list(headers))
+    entry, _ = await store.lookup(primary_key(url), extra, lambda: list(headers))
     if entry is None:
         return None
     if entry.body is not None:
@@ -56,9 +56,9 @@ async def test_inline_and_chunked_bodies(store: CacheStore) -> None:
     await put(store, "http://h/small", b"s" * 100)
     big = bytes(range(256)) * 100  # 25.6 KB: chunked at 4 KB
     await put(store, "http://h/big", big)
-    small_entry, _ = await store.lookup(primary_key("http://h/small"), b"", [])
+    small_entry, _ = await store.lookup(primary_key("http://h/small"), b"", list)
     assert small_entry is not None and small_entry.body == b"s" * 100 and small_entry.chunks == 0
-    big_entry, _ = await store.lookup(primary_key("http://h/big"), b"", [])
+    big_entry, _ = await store.lookup(primary_key("http://h/big"), b"", list)
     assert big_entry is not None and big_entry.body is None and big_entry.chunks >= 6
     assert await read_body(store, "http://h/big") == big
     assert big_entry.headers == [(b"etag", b'"e"')] and big_entry.url == "http://h/big"
@@ -73,16 +73,19 @@ async def test_variants(store: CacheStore) -> None:
     assert await read_body(store, url, headers=gz) == b"gzip body"
     assert await read_body(store, url, headers=[(b"accept-encoding", b"GZIP")]) == b"gzip body"
     assert await read_body(store, url, headers=br) == b"br body"
-    assert await store.lookup(primary_key(url), b"", [(b"accept-encoding", b"zstd")]) == (None, "vary-miss")
+    assert await store.lookup(primary_key(url), b"", lambda: [(b"accept-encoding", b"zstd")]) == (
+        None,
+        "vary-miss",
+    )
     # an invalidation drops every variant
     assert await store.invalidate(primary_key(url))
-    assert await store.lookup(primary_key(url), b"", gz) == (None, "uri-miss")
+    assert await store.lookup(primary_key(url), b"", lambda: gz) == (None, "uri-miss")
 
 
 async def test_extra_key_parts_never_share_the_plain_entry(store: CacheStore) -> None:
     url = "http://h/me"
     await put(store, url, b"anonymous")
-    assert await store.lookup(primary_key(url), b"user-a", []) == (None, "vary-miss")
+    assert await store.lookup(primary_key(url), b"user-a", list) == (None, "vary-miss")
     await put(store, url, b"for a", extra=b"user-a")
     assert await read_body(store, url, extra=b"user-a") == b"for a"
     assert await read_body(store, url, extra=b"user-b") is None
@@ -108,7 +111,7 @@ async def test_writer_gives_up_beyond_max_bytes(store: CacheStore) -> None:
 
 async def test_missing_chunk_is_an_error_not_a_short_body(store: CacheStore) -> None:
     await put(store, "http://h/big2", b"z" * 20_000)
-    entry, _ = await store.lookup(primary_key("http://h/big2"), b"", [])
+    entry, _ = await store.lookup(primary_key("http://h/big2"), b"", list)
     assert entry is not None and entry.chunks > 1
     await store.kv.delete(b"b" + entry.body_id + (1).to_bytes(4, "big"))
     with pytest.raises(StateError):

@@ -80,23 +80,26 @@ def primary_key(url: str) -> bytes:
     return sha256(b"GET " + url.encode("latin-1", "replace")).digest()
 
 
-def extra_key(spec: KeySpec, headers: Headers, host: bytes, scheme: bytes) -> bytes:
+def extra_key(spec: KeySpec, headers: Headers, host: bytes, scheme: bytes, forwarded: bool = True) -> bytes:
     """The route's extra key parts and the keyed forwarding headers as sent upstream, as one byte string;
     empty when every part has its default (forwarding headers that just repeat Host and the scheme, no
-    extra header, no cookie), which lets the common entry live at its primary key (one read per hit)."""
-    forwarded_host = forwarded_proto = forwarded = b""
+    extra header, no cookie), which lets the common entry live at its primary key (one read per hit).
+    ``forwarded`` False: ``headers`` are the client's, whose forwarding headers the gateway replaces (an
+    untrusted peer), so those parts have their defaults."""
+    forwarded_host = forwarded_proto = forwarded_list = b""
     extra: list[bytes] = []
-    for name, value in headers:
-        if name == b"x-forwarded-host":
-            forwarded_host = value
-        elif name == b"x-forwarded-proto":
-            forwarded_proto = value
-        elif name == b"forwarded":
-            forwarded += value + b","
+    if forwarded:
+        for name, value in headers:
+            if name == b"x-forwarded-host":
+                forwarded_host = value
+            elif name == b"x-forwarded-proto":
+                forwarded_proto = value
+            elif name == b"forwarded":
+                forwarded_list += value + b","
     parts = [
         b"" if forwarded_host == host else forwarded_host,
         b"" if forwarded_proto == scheme else forwarded_proto,
-        forwarded,
+        forwarded_list,
     ]
     for name in spec.headers:
         extra.append(b",".join(v for n, v in headers if n == name))

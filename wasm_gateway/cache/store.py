@@ -213,8 +213,11 @@ class CacheStore:
 
     # -- reads
 
-    async def lookup(self, primary: bytes, extra: bytes, headers: Headers) -> tuple[Entry | None, str]:
-        """(entry, "") or (None, why): "uri-miss" (nothing for the URI) or "vary-miss" (not this variant)."""
+    async def lookup(
+        self, primary: bytes, extra: bytes, headers: Callable[[], Headers]
+    ) -> tuple[Entry | None, str]:
+        """(entry, "") or (None, why): "uri-miss" (nothing for the URI) or "vary-miss" (not this variant).
+        ``headers`` gives the request headers as sent upstream, asked for only when the URI has variants."""
         from .keys import secondary_key
 
         key = b"u" + primary
@@ -227,7 +230,7 @@ class CacheStore:
                 return None, "vary-miss"
         elif raw[:1] == _INDEX:
             vary = [n for n in raw[1:].split(b"\n") if n]
-            key = b"v" + secondary_key(primary, extra, vary, headers)
+            key = b"v" + secondary_key(primary, extra, vary, headers())
             found = await self._get(key)
             if found is None:
                 return None, "vary-miss"
