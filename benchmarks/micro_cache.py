@@ -131,6 +131,91 @@ def measure(loader: Any, url: str, duration: int, reps: int, connections: int) -
     }
 
 
+def in_process_hit_us(backend: str, origin_port: int, work: Path, n: int) -> float:
+    """One cache hit through the gateway's ASGI app, called directly (no HTTP server, no sockets): the
+    gateway's own cost per hit, best of 5 rounds of ``n`` (robust to a busy machine)."""
+    import asyncio
+
+    from wasm_gateway.app import Gateway
+    from wasm_gateway.config import parse_config
+
+    text = gateway_toml(free_port(), origin_port, backend, work / f"in-process-{backend}")
+    gateway = Gateway(parse_config(text))
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/1k",
+        "raw_path": b"/1k",
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1:8080"), (b"user-agent", b"wrk"), (b"accept", b"*/*")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8080),
+        "scheme": "http",
+        "http_version": "1.1",
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    async def run() -> float:
+        await gateway.startup()
+        try:
+            for _ in range(3):
+                await gateway(scope, receive, send)
+            best = float("inf")
+            for _ in range(5):
+                started = time.perf_counter()
+                for _ in range(n):
+                    await gateway(scope, receive, send)
+                best = min(best, (time.perf_counter() - started) / n)
+            return best * 1e6
+        finally:
+            await gateway.shutdown()
+
+    return asyncio.run(run())
+
+
+def hishel_hit_decision_us(n: int) -> float | None:
+    """hishel 2's decision for one cache hit (``IdleClient.next`` on one stored entry), when installed."""
+    try:
+        import email.utils
+
+        from hishel import CacheOptions, Entry, FromCache, Headers, IdleClient, Request, Response
+    except ImportError:
+        return None
+    date = email.utils.formatdate(usegmt=True)
+    request = Request("GET", "http://example.com/1k", Headers({"host": "example.com", "accept": "*/*"}))
+    stored = Response(200, Headers({"date": date, "cache-control": "max-age=60", "etag": '"x"'}))
+    entry = Entry(uuid.uuid4(), Request("GET", "http://example.com/1k", Headers({})), stored)
+    options = CacheOptions(shared=True)
+    assert isinstance(IdleClient(options=options).next(request, [entry]), FromCache)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(n):
+            IdleClient(options=options).next(request, [entry])
+        best = min(best, (time.perf_counter() - started) / n)
+    return best * 1e6
+
+
+def our_hit_decision_us(n: int) -> float:
+    """This cache's decision for one hit: request directives and `decide_reuse` on stored numbers."""
+    from wasm_gateway.cache.policy import Freshness, decide_reuse, request_directives
+
+    freshness = Freshness(60.0, 0.0, time.time(), 0.0, 0.0, 4, 60.0)
+    headers = [(b"host", b"example.com"), (b"accept", b"*/*")]
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(n):
+            decide_reuse(freshness, request_directives(headers), time.time())
+        best = min(best, (time.perf_counter() - started) / n)
+    return best * 1e6
+
+
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_ms", "p99_ms")}
 
@@ -167,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "raw": {},
         "gateway": {},
         "skipped": {},
+        "in_process_hit_us": {},
     }
     processes: list[subprocess.Popen[bytes]] = []
     urls: dict[str, int] = {}
@@ -220,6 +306,13 @@ def main(argv: list[str] | None = None) -> int:
                 for name, port in urls.items():
                     m = measure(loader, f"http://127.0.0.1:{port}/{size}", duration, 1, args.connections)
                     runs.setdefault(name, {}).setdefault(size, []).append(m)
+        n = 2000 if args.quick else 20000
+        for backend in [b for b in urls if b != "raw"]:
+            results["in_process_hit_us"][backend] = in_process_hit_us(backend, origin_port, work, n)
+        results["hit_decision_us"] = {"wasm_gateway": our_hit_decision_us(n * 5)}
+        hishel_us = hishel_hit_decision_us(n)
+        if hishel_us is not None:
+            results["hit_decision_us"]["hishel_2"] = hishel_us
         for size in SIZES:
             results["raw"][size] = _median(runs["raw"][size])
         for name in urls:
@@ -251,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'gateway hit ' + backend:<22}{size:>6}{g['rps']:>10.0f}{g['p50_ms']:>9.2f}"
                 f"{g['p99_ms']:>9.2f}{g['ratio']:>7.0%}{mark}"
             )
+    for backend, us in results["in_process_hit_us"].items():
+        print(f"one hit through the gateway's ASGI app, no server ({backend}): {us:.1f} us")
+    for name, us in results.get("hit_decision_us", {}).items():
+        print(f"hit decision alone ({name}): {us:.2f} us")
     for backend, reason in results["skipped"].items():
         print(f"skipped {backend}: {reason}")
     if args.json:
