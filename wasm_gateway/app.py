@@ -78,12 +78,15 @@ from .runtime.chain import ChainStream, Decision, DecisionKind, FilterChain, Fil
 from .runtime.context import HttpCallRequest, HttpCallResponse, LocalResponse, RequestInfo
 from .runtime.services import SharedServices
 from .state import SharedState, open_state
+from .state.base import RateLimitedLog
 from .types import ASGIApp, Headers, Message, Receive, Scope, Send
 from .upstream import BodySource, RequestBodyError, UpstreamPool, UpstreamResponse, UpstreamSettings
 
 __all__ = ["Gateway", "WasmGateway", "create_app"]
 
 logger = logging.getLogger("wasm_gateway")
+# Cache store failures come in bursts (Redis down: every request): one line per kind per 30 s.
+_cache_log = RateLimitedLog(logger)
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _SMALL_BODY = 64 * 1024
@@ -754,7 +757,7 @@ class Gateway:
         try:
             return await store.lookup(primary, extra, headers)
         except (StateError, ValueError) as exc:
-            logger.warning("cache lookup failed (treated as a miss): %s", exc)
+            _cache_log.log("lookup", logging.WARNING, "cache lookup failed (treated as a miss): %s", exc)
             return None, "miss"
 
     async def _serve_entry(self, call: _CacheCall, entry: Entry, age: float, cache_status: bytes) -> None:
@@ -856,7 +859,7 @@ class Gateway:
             try:
                 await store.invalidate(primary_key(cache_url(call.scheme, host, canonical)))
             except (StateError, ValueError) as exc:
-                logger.warning("cache invalidation failed: %s", exc)
+                _cache_log.log("invalidate", logging.WARNING, "cache invalidation failed: %s", exc)
         await self._relay_cache_response(call, response, None, None)
 
     async def _cache_fetch(self, call: _CacheCall, stale: Entry | None, fwd: bytes) -> bool:
@@ -965,7 +968,7 @@ class Gateway:
                 await store.publish(entry, call.primary, call.extra, vary, call.headers)
                 published = True
             except (StateError, ValueError) as exc:
-                logger.warning("cache store failed (response not cached): %s", exc)
+                _cache_log.log("store", logging.WARNING, "cache store failed (response not cached): %s", exc)
 
         complete = await self._relay_cache_response(call, response, cache_status, writer, publish)
         if not complete and not published and not writer.failed:
@@ -1010,7 +1013,7 @@ class Gateway:
         try:
             return await self.cache_store.update(stale, merged, freshness)
         except (StateError, ValueError) as exc:
-            logger.warning("cache update after 304 failed: %s", exc)
+            _cache_log.log("update", logging.WARNING, "cache update after 304 failed: %s", exc)
             return stale
 
     async def _relay_cache_response(
@@ -1137,7 +1140,9 @@ class Gateway:
             finally:
                 await response.aclose()
         except (UpstreamError, StateError, ValueError) as exc:
-            logger.warning("background cache refresh of %s failed: %s", call.url, exc)
+            _cache_log.log(
+                "refresh", logging.WARNING, "background cache refresh of %s failed: %s", call.url, exc
+            )
         finally:
             self._coalescer.done(key, True)  # never "pass": the next miss may fetch and store
 
@@ -2271,7 +2276,9 @@ async def _feed(writer: EntryWriter, chunk: bytes) -> None:
     try:
         await writer.feed(chunk)
     except (StateError, ValueError) as exc:
-        logger.warning("cache store failed while streaming (response not cached): %s", exc)
+        _cache_log.log(
+            "store", logging.WARNING, "cache store failed while streaming (response not cached): %s", exc
+        )
         writer.failed = True
         with contextlib.suppress(StateError):
             await writer.abort()
