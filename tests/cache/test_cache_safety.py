@@ -134,13 +134,16 @@ def test_set_cookie_never_reaches_another_client(
     assert "set-cookie" not in other.headers and other.headers["cache-status"].startswith("wasm-gateway; hit")
 
 
-def test_requests_with_cookies_bypass_by_default(start_gateway: StartGateway, origin: CacheOrigin) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_requests_with_cookies_bypass_by_default(
+    backend: str, start_gateway: StartGateway, origin: CacheOrigin
+) -> None:
     origin.handlers["/c"] = lambda s: (
         200,
         [("cache-control", "max-age=60")],
         s.headers.get("cookie", "").encode(),
     )
-    gw = start_gateway("memory")
+    gw = start_gateway(backend)
     with client(gw) as c:
         assert c.get("/c", headers={"cookie": "session=alice"}).text == "session=alice"
         assert c.get("/c").text == ""
@@ -178,11 +181,12 @@ def test_reflected_forwarding_headers_do_not_poison(
     assert victim.text == poisoned_try.text == f"<script src='//{host}/app.js'> scheme=None original=None"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_forwarding_headers_from_a_trusted_proxy_are_keyed(
-    start_gateway: StartGateway, origin: CacheOrigin
+    backend: str, start_gateway: StartGateway, origin: CacheOrigin
 ) -> None:
     origin.handlers["/page"] = _reflect
-    gw = start_gateway("memory", top='trusted_proxies = ["127.0.0.1/32"]')
+    gw = start_gateway(backend, top='trusted_proxies = ["127.0.0.1/32"]')
     with client(gw) as c:
         via_proxy = c.get("/page", headers={"x-forwarded-host": "evil.example"})
         victim = c.get("/page")
@@ -201,13 +205,14 @@ def _account(seen: Seen) -> tuple[int, list[tuple[str, str]], bytes]:
     return 200, [("cache-control", "max-age=60")], b"static"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_path_tricks_neither_store_nor_serve_private_pages(
-    start_gateway: StartGateway, origin: CacheOrigin
+    backend: str, start_gateway: StartGateway, origin: CacheOrigin
 ) -> None:
     for path in ("/account", "/account;x.css", "/static/..;/account", "/static/%2e%2e/account", "/static/%2E%2E%2Faccount", "/static/.%2e/account"):  # fmt: skip
         origin.handlers[path.split(";")[0]] = _account
     origin.handlers["/account;x.css"] = _account
-    gw = start_gateway("memory", route_cache="enabled = true, default_ttl = 60")
+    gw = start_gateway(backend, route_cache="enabled = true, default_ttl = 60")
     with client(gw) as c:
         alice = c.get("/account;x.css", headers={"authorization": "Bearer alice"})
         cookie = c.get("/account;x.css", headers={"cookie": "sid=alice"})
@@ -227,15 +232,16 @@ def test_path_tricks_neither_store_nor_serve_private_pages(
     assert all("%2e" not in s.raw_path.lower() for s in origin.seen)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fat_get_body_does_not_change_what_others_are_served(
-    start_gateway: StartGateway, origin: CacheOrigin
+    backend: str, start_gateway: StartGateway, origin: CacheOrigin
 ) -> None:
     origin.handlers["/search"] = lambda s: (
         200,
         [("cache-control", "max-age=60")],
         b"results for " + (s.body or s.query.encode()),
     )
-    gw = start_gateway("memory")
+    gw = start_gateway(backend)
     with client(gw) as c:
         fat = c.request("GET", "/search?q=cats", content=b"<script>evil</script>")
         clean = c.get("/search?q=cats")
