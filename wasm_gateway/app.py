@@ -656,7 +656,7 @@ class Gateway:
         client_headers: Headers = call.scope["headers"]
         # Without filters the target is the canonical path the route matched (plus the query).
         canonical = call.target if call.stream is None else canonical_target(call.target)
-        reason = rc.bypass_reason(client_headers, call.body, canonical)
+        reason = rc.bypass_reason(call, client_headers, canonical)
         if reason is not None:
             rc.count("bypass")
             await self._cache_forward(call, call.headers, b"wasm-gateway; fwd=bypass; detail=" + reason)
@@ -765,7 +765,9 @@ class Gateway:
         exchange = call.exchange
         request_id = exchange.request_id or b"-"
         status = entry.status
-        not_modified = cache_policy.client_not_modified(call.scope["headers"], entry.headers, status)
+        not_modified = call.conditional and cache_policy.client_not_modified(
+            call.scope["headers"], entry.headers, status
+        )
         if not_modified:
             status = 304
             headers = [(n, v) for n, v in entry.headers if n in cache_policy.NOT_MODIFIED_FIELDS]
@@ -2129,15 +2131,18 @@ class _RouteCache:
         if self._coalesced is not None:
             self._coalesced.inc()
 
-    def bypass_reason(self, headers: Headers, body: BodySource, canonical: str | None) -> bytes | None:
+    def bypass_reason(self, call: _CacheCall, headers: Headers, canonical: str | None) -> bytes | None:
+        """Why this request skips the cache, or None; notes whether it is conditional (one pass)."""
         if canonical is None:
             return b"path"
-        if body.chunks is not None:
+        if call.body.chunks is not None:
             return b"request-body"  # a "fat GET": its body must not shape what others are served
         bypass = self.bypass_headers
         for name, _ in headers:
             if name in bypass:
                 return b"header-" + name
+            if name == b"if-none-match" or name == b"if-modified-since":
+                call.conditional = True
         if self.bypass_paths:
             path = canonical.split("?", 1)[0]
             for prefix in self.bypass_paths:
@@ -2153,6 +2158,7 @@ class _CacheCall:
         "_headers",
         "body",
         "cache",
+        "conditional",
         "directives",
         "exchange",
         "extra",
@@ -2206,6 +2212,7 @@ class _CacheCall:
         self.host = host
         self.scheme = scheme
         self.directives = RequestDirectives()
+        self.conditional = False
         self.url = ""
         self.primary = b""
         self.extra = b""

@@ -383,12 +383,16 @@ class Reuse(Enum):
     MISS = "miss"  # cannot be used: fetch anew (no validators, or the request forbids reuse)
 
 
-@dataclass(frozen=True, slots=True)
 class Decision:
-    reuse: Reuse
-    age: float
-    ttl: float
-    """Freshness left (negative when stale), for ``Cache-Status: ttl=``."""
+    """How a stored response may answer (a plain class: made once per hit, a frozen dataclass costs 3x)."""
+
+    __slots__ = ("age", "reuse", "ttl")
+
+    def __init__(self, reuse: Reuse, age: float, ttl: float) -> None:
+        self.reuse = reuse
+        self.age = age
+        self.ttl = ttl
+        """Freshness left (negative when stale), for ``Cache-Status: ttl=``."""
 
 
 def decide_reuse(freshness: Freshness, request: RequestDirectives, now: float) -> Decision:
