@@ -265,7 +265,11 @@ class Gateway:
             self._cache_metrics = metrics = cache_metrics(shared=c.backend != "memory")
             for name, rc in self._cache_routes.items():
                 rc.bind_metrics(metrics, name)
-            self._tasks.append(asyncio.get_running_loop().create_task(_sync_cache_metrics(store, metrics)))
+            self._tasks.append(
+                asyncio.get_running_loop().create_task(
+                    _sync_cache_metrics(store, metrics, self._flush_cache_counts)
+                )
+            )
 
     async def _filter_http_call(self, request: HttpCallRequest) -> HttpCallResponse:
         return await perform_http_call(self.pools, request)
@@ -286,6 +290,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        self._flush_cache_counts()
         for refresh in list(self._refreshes):
             refresh.cancel()
         if self.cache_store is not None:
@@ -664,8 +669,9 @@ class Gateway:
         assert canonical is not None
         store = self.cache_store
         assert store is not None
-        directives = cache_policy.request_directives(client_headers, rc.credentials)
-        call.directives = directives
+        if call.has_directives:
+            call.directives = cache_policy.request_directives(client_headers, rc.credentials)
+        directives = call.directives
         call.url = cache_url(call.scheme, call.host.decode("latin-1"), canonical)
         call.primary = primary = primary_key(call.url)
         if call.forwarded_keys or rc.managed_key_headers:
@@ -1569,7 +1575,12 @@ class Gateway:
         body["upstreams"] = {name: pool.stats() for name, pool in self.pools.items()}
         await _send_json(send, 200 if ready else 503, body)
 
+    def _flush_cache_counts(self) -> None:
+        for rc in self._cache_routes.values():
+            rc.flush()
+
     async def _metrics_endpoint(self, send: Send) -> None:
+        self._flush_cache_counts()
         data = exposition()
         await send(
             {
@@ -1852,7 +1863,7 @@ class _Exchange:
             if self.request_bytes:
                 metrics.request_bytes.labels(self.route).inc(self.request_bytes)
             if self.bytes_sent:
-                metrics.response_bytes.labels(self.route).inc(self.bytes_sent)
+                metrics.response_bytes_child(self.route).inc(self.bytes_sent)
         access_log = gateway.access_log
         if access_log is not None:
             access_log.record(
@@ -2060,6 +2071,7 @@ class _RouteCache:
 
     __slots__ = (
         "_coalesced",
+        "_counts",
         "_lookups",
         "bypass_headers",
         "bypass_paths",
@@ -2091,6 +2103,7 @@ class _RouteCache:
         # Key headers the gateway sets or drops itself: read from the upstream headers, never the client's.
         self.managed_key_headers = any(h in _MANAGED_HEADERS or h == b"host" for h in key_spec.headers)
         self._lookups: dict[str, Any] = {}
+        self._counts: dict[str, int] = dict.fromkeys(_LOOKUP_RESULTS, 0)
         self._coalesced: Any = None
 
     @classmethod
@@ -2120,12 +2133,21 @@ class _RouteCache:
 
     def bind_metrics(self, metrics: CacheMetrics, route: str) -> None:
         self._lookups = {r: metrics.lookups.labels(route, r) for r in _LOOKUP_RESULTS}
+        self._counts = dict.fromkeys(_LOOKUP_RESULTS, 0)
         self._coalesced = metrics.coalesced_waits.labels(route)
 
     def count(self, result: str) -> None:
-        child = self._lookups.get(result)
-        if child is not None:
-            child.inc()
+        # A dict increment here; the Prometheus counters (a lock and a file write each in multiprocess
+        # mode) get the sums at every scrape of this process and every second (`flush`).
+        self._counts[result] += 1
+
+    def flush(self) -> None:
+        counts = self._counts
+        for result, child in self._lookups.items():
+            n = counts[result]
+            if n:
+                counts[result] = 0
+                child.inc(n)
 
     def coalesced_wait(self) -> None:
         if self._coalesced is not None:
@@ -2138,11 +2160,14 @@ class _RouteCache:
         if call.body.chunks is not None:
             return b"request-body"  # a "fat GET": its body must not shape what others are served
         bypass = self.bypass_headers
+        credentials = self.credentials
         for name, _ in headers:
             if name in bypass:
                 return b"header-" + name
             if name == b"if-none-match" or name == b"if-modified-since":
                 call.conditional = True
+            elif name == b"cache-control" or name == b"pragma" or name in credentials:
+                call.has_directives = True  # parsed by the caller: most requests have none
         if self.bypass_paths:
             path = canonical.split("?", 1)[0]
             for prefix in self.bypass_paths:
@@ -2164,6 +2189,7 @@ class _CacheCall:
         "extra",
         "filters",
         "forwarded_keys",
+        "has_directives",
         "host",
         "method",
         "policy",
@@ -2211,7 +2237,8 @@ class _CacheCall:
         self.body = body
         self.host = host
         self.scheme = scheme
-        self.directives = RequestDirectives()
+        self.directives: RequestDirectives = cache_policy.NO_DIRECTIVES
+        self.has_directives = False
         self.conditional = False
         self.url = ""
         self.primary = b""
@@ -2332,11 +2359,14 @@ async def _read_limited(receive: Receive, limit: int) -> bytes:
             return b"".join(parts)
 
 
-async def _sync_cache_metrics(store: CacheStore, metrics: CacheMetrics, interval: float = 2.0) -> None:
-    """Stored bytes and records from the engine (shared stores: every process reports the same numbers),
-    evictions as this process's delta."""
+async def _sync_cache_metrics(
+    store: CacheStore, metrics: CacheMetrics, flush: Callable[[], None], interval: float = 1.0
+) -> None:
+    """Lookup counts, stored bytes and records from the engine (shared stores: every process reports the
+    same numbers), evictions as this process's delta."""
     evictions = 0
     while True:
+        flush()
         try:
             stats = store.stats()
         except StateError:

@@ -66,6 +66,14 @@ class GatewayMetrics:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_children", {})
         object.__setattr__(self, "_upstream_children", {})
+        object.__setattr__(self, "_response_bytes_children", {})
+
+    def response_bytes_child(self, route: str) -> Any:
+        children: dict[str, Any] = self._response_bytes_children  # type: ignore[attr-defined]
+        child = children.get(route)
+        if child is None:
+            child = children[route] = self.response_bytes.labels(route)
+        return child
 
     def upstream_child(self, upstream: str) -> Any:
         children: dict[str, Any] = self._upstream_children  # type: ignore[attr-defined]
