@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hmac
 import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,19 @@ from urllib.parse import unquote
 
 import orjson
 
-from .config import GatewayConfig, RouteConfig, load_config
-from .exceptions import ConfigError, GatewayError, UpstreamError, UpstreamTimeoutError
+from .cache import CacheStore, Coalescer, Entry, EntryWriter, KeySpec, StoreOptions, open_cache_store
+from .cache import policy as cache_policy
+from .cache.keys import (
+    STRIPPED_ON_CACHED_ROUTES,
+    cache_url,
+    canonical_target,
+    extra_key,
+    primary_key,
+    secondary_key,
+)
+from .cache.policy import Freshness, RequestDirectives, Reuse
+from .config import FilterConfig, GatewayConfig, RouteConfig, load_config
+from .exceptions import ConfigError, GatewayError, StateError, UpstreamError, UpstreamTimeoutError
 from .filtering import (
     FilterHeaders,
     from_filter_request,
@@ -40,6 +52,7 @@ from .filtering import (
     valid_target,
 )
 from .forwarding import (
+    HOP_BY_HOP,
     ForwardingPolicy,
     client_address,
     request_id_for,
@@ -51,6 +64,8 @@ from .generation import RouteFilters as _RouteFilters
 from .logs import AccessLog, configure_logging
 from .metrics import (
     CONTENT_TYPE_LATEST,
+    CacheMetrics,
+    cache_metrics,
     exposition,
     gateway_metrics,
     initialize_gateway_series,
@@ -64,12 +79,15 @@ from .routing import PathRejected, canonicalize, normalize_host
 from .runtime.chain import ChainStream, Decision, DecisionKind, FilterRuntime
 from .runtime.context import LocalResponse, RequestInfo
 from .state import SharedState, open_state
+from .state.base import RateLimitedLog
 from .types import ASGIApp, Headers, Message, Receive, Scope, Send
 from .upstream import BodySource, RequestBodyError, UpstreamPool, UpstreamResponse
 
 __all__ = ["Gateway", "WasmGateway", "create_app"]
 
 logger = logging.getLogger("wasm_gateway")
+# Cache store failures come in bursts (Redis down: every request): one line per kind per 30 s.
+_cache_log = RateLimitedLog(logger)
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _SMALL_BODY = 64 * 1024
@@ -125,6 +143,16 @@ class Gateway:
         self._retiring: dict[asyncio.Task[None], Generation] = {}
         self._signals: ProcessSignals | None = None
         self.last_reload: dict[str, Any] = {"result": "none"}
+        # The response cache: only routes that enable it pay for it (one dict lookup per request otherwise).
+        # The store is the process's (like the shared-state store); the routes' rules follow reloads.
+        self.cache_store: CacheStore | None = None
+        self._cache_metrics: CacheMetrics | None = None
+        self._cache_routes = _cache_routes_of(config)
+        self._coalescer = Coalescer()
+        self._refreshes: set[asyncio.Task[None]] = set()
+        purge = config.cache.purge
+        self._purge_path = purge.path if purge.enabled else None
+        self._purge_token = ("Bearer " + purge.token).encode() if purge.enabled and purge.token else None
 
     @property
     def pools(self) -> dict[str, UpstreamPool]:
@@ -152,6 +180,8 @@ class Gateway:
                 self.state_store.close()
                 self.state_store = None
             raise
+        if self._cache_routes or self._purge_path is not None:
+            self._open_cache()
         if self.metrics is not None:
             initialize_gateway_series(self.metrics, config.upstreams)
             self.sync_metrics()
@@ -192,6 +222,7 @@ class Gateway:
         if metrics is None:
             return
         metrics.flush()
+        self._flush_cache_counts()
         gen = generation or self.generation
         seen = gen.metrics_seen  # per generation: a reloaded runtime and its pools count from zero again
         if gen.runtime is not None:
@@ -205,6 +236,30 @@ class Gateway:
             if delta > 0:
                 metrics.upstream_ejections.labels(name).inc(delta)
                 seen[key] = ejections
+
+    def _open_cache(self) -> None:
+        c = self.config.cache
+        metrics_on = self.config.metrics.enabled
+        self.cache_store = store = open_cache_store(
+            backend=c.backend,
+            max_bytes=c.max_bytes,
+            chunk_bytes=c.chunk_bytes,
+            max_ttl=c.max_ttl_seconds,
+            directory=c.directory,
+            redis_url=c.redis_url or self.config.state.redis_url,
+            key_prefix=c.key_prefix,
+            timeout_ms=c.timeout_ms,
+            on_error=state_error_counter(c.backend) if metrics_on else None,
+        )
+        if metrics_on:
+            self._cache_metrics = metrics = cache_metrics(shared=c.backend != "memory")
+            for name, rc in self._cache_routes.items():
+                rc.bind_metrics(metrics, name)
+            self._tasks.append(
+                asyncio.get_running_loop().create_task(
+                    _sync_cache_metrics(store, metrics, self._flush_cache_counts)
+                )
+            )
 
     async def _sync_metrics_forever(self) -> None:
         while True:
@@ -257,6 +312,7 @@ class Gateway:
                 return False
             self.generation = new
             self.config = config
+            self._swap_cache_routes(config)
             self.last_reload = {"result": "success", "at": time.time()}
             if config.metrics.enabled:
                 self._count_reload(old.digest, new.digest, "success")
@@ -323,6 +379,12 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        self._flush_cache_counts()
+        for refresh in list(self._refreshes):
+            refresh.cancel()
+        if self.cache_store is not None:
+            with contextlib.suppress(Exception):
+                await self.cache_store.aclose()
         for generation in (*retiring, self.generation):
             await generation.close()
         if self.state_store is not None:
@@ -405,6 +467,9 @@ class Gateway:
         reserved = self._reserved.get(path)
         if reserved is not None and method in ("GET", "HEAD"):
             await reserved(send)
+            return
+        if path == self._purge_path:
+            await self._purge(exchange, scope, receive, send)
             return
         host: bytes | None = None
         for name, value in headers:
@@ -494,6 +559,23 @@ class Gateway:
         peer = exchange.peer
         request_id = exchange.identify(headers, policy)
         scheme = scope.get("scheme", "http")
+        query: bytes = scope.get("query_string", b"")
+        target = path + "?" + query.decode("latin-1") if query else path
+        filters = exchange.generation.route_filters.get(route.name)
+        cache = self._cache_routes.get(route.name) if self._cache_routes else None
+        if cache is not None and filters is None:
+            # The hit path builds the upstream headers only when a key part needs them (or never).
+            body = await self._cache_body(receive, exchange, send, body_length, chunked)
+            if body is None:
+                return
+            trusted = peer is not None and policy.is_trusted(peer)
+            await self._cached(
+                _CacheCall(
+                    exchange, cache, scope, send, None, None, upstream_name, method, target,
+                    None, body, host, scheme, trusted, policy,
+                )
+            )  # fmt: skip
+            return
         out_headers = upstream_request_headers(
             headers,
             peer=peer,
@@ -503,9 +585,8 @@ class Gateway:
             policy=policy,
             request_id=request_id,
         )
-        query: bytes = scope.get("query_string", b"")
-        target = path + "?" + query.decode("latin-1") if query else path
-        filters = exchange.generation.route_filters.get(route.name)
+        if cache is not None:
+            out_headers = [h for h in out_headers if h[0] not in STRIPPED_ON_CACHED_ROUTES]
         stream: ChainStream | None = None
         try:
             try:
@@ -531,6 +612,14 @@ class Gateway:
                     method, target, out_headers, body = request
             except _RequestEnded as ended:
                 await self._request_ended(exchange, send, ended)
+                return
+            if cache is not None:
+                await self._cached(
+                    _CacheCall(
+                        exchange, cache, scope, send, stream, filters, upstream_name, method, target,
+                        out_headers, body, host, scheme, True, policy,
+                    )
+                )  # fmt: skip
                 return
             response = await self._upstream(exchange, upstream_name, send, method, target, out_headers, body)
             if response is None:
@@ -653,6 +742,566 @@ class Gateway:
                 yield chunk
             if not message.get("more_body", False):
                 return
+
+    # -- response cache -------------------------------------------------------------------------------------------
+
+    async def _cached(self, call: _CacheCall) -> None:
+        """A request on a cached route, after its request filters: answer from the store, or fetch (one
+        request per key and process), store and relay. Response filters run on hits as on misses."""
+        rc = call.cache
+        method = call.method
+        if method != "GET" and method != "HEAD":
+            await self._cache_write_through(call)
+            return
+        client_headers: Headers = call.scope["headers"]
+        # Without filters the target is the canonical path the route matched (plus the query).
+        canonical = call.target if call.stream is None else canonical_target(call.target)
+        reason = rc.bypass_reason(call, client_headers, canonical)
+        if reason is not None:
+            rc.count("bypass")
+            await self._cache_forward(call, call.headers, b"wasm-gateway; fwd=bypass; detail=" + reason)
+            return
+        assert canonical is not None
+        store = self.cache_store
+        assert store is not None
+        if call.has_directives:
+            call.directives = cache_policy.request_directives(client_headers, rc.credentials)
+        directives = call.directives
+        call.url = cache_url(call.scheme, call.host.decode("latin-1"), canonical)
+        call.primary = primary = primary_key(call.url)
+        if call.forwarded_keys or rc.managed_key_headers:
+            call.extra = extra = extra_key(rc.key_spec, call.headers, call.host, call.scheme.encode())
+        else:
+            # An untrusted peer's forwarding headers are replaced by the gateway's (Host and the scheme):
+            # the key parts read from what the client sent are those the upstream would get.
+            call.extra = extra = extra_key(
+                rc.key_spec, client_headers, call.host, call.scheme.encode(), False
+            )
+        entry, why = await self._cache_lookup(store, primary, extra, call.vary_headers)
+        stale: Entry | None = None
+        fwd = why.encode()
+        if entry is not None:
+            now = time.time()
+            d = cache_policy.decide_reuse(entry.freshness, directives, now)
+            reuse = d.reuse
+            if reuse is Reuse.FRESH:
+                rc.count("hit")
+                await self._serve_entry(call, entry, d.age, b"wasm-gateway; hit; ttl=%d" % int(d.ttl))
+                return
+            if reuse is Reuse.STALE_OK or reuse is Reuse.STALE_REVALIDATE:
+                rc.count("stale")
+                if reuse is Reuse.STALE_REVALIDATE and method == "GET":
+                    self._start_refresh(call, entry)
+                await self._serve_entry(call, entry, d.age, b"wasm-gateway; hit; ttl=%d" % int(d.ttl))
+                return
+            stale = entry if reuse is Reuse.VALIDATE else None
+            fwd = b"request" if directives.no_cache or directives.max_age is not None else b"stale"
+            if reuse is Reuse.MISS:
+                fwd = b"request" if directives.no_cache else b"miss"
+        if directives.only_if_cached:
+            rc.count("miss")
+            call.exchange.extra_headers = [
+                (b"cache-status", b"wasm-gateway; fwd=miss; detail=only-if-cached")
+            ]
+            await call.exchange.error(
+                call.send, 504, "gateway_timeout", "not in cache (only-if-cached)", None
+            )
+            return
+        if method == "HEAD":
+            rc.count("miss")  # a HEAD response has no body to store: forwarded as is
+            await self._cache_forward(call, call.headers, b"wasm-gateway; fwd=" + fwd)
+            return
+        key = primary + extra
+        flight = self._coalescer.join(key)
+        if flight is not None:
+            rc.coalesced_wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(flight.wait(), rc.wait_timeout)
+            entry = None
+            handed = flight.entry
+            if handed is not None:
+                # The leader's variant, unless the response varies on a header this request sends otherwise.
+                vary, variant = handed[1], handed[2]
+                if not vary or secondary_key(primary, extra, vary, call.headers) == variant:
+                    entry = handed[0]
+            if entry is None:
+                entry, _ = await self._cache_lookup(store, primary, extra, call.vary_headers)
+            if entry is not None:
+                d = cache_policy.decide_reuse(entry.freshness, directives, time.time())
+                if d.reuse is Reuse.FRESH or d.reuse is Reuse.STALE_OK:
+                    rc.count("hit")
+                    status = b"wasm-gateway; hit; ttl=%d; collapsed" % int(d.ttl)
+                    await self._serve_entry(call, entry, d.age, status)
+                    return
+            leader = False
+        else:
+            leader = self._coalescer.leads(key)
+        stored = False
+        try:
+            stored = await self._cache_fetch(call, stale, fwd)
+        finally:
+            if leader:
+                self._coalescer.done(key, stored)
+
+    async def _cache_body(
+        self, receive: Receive, exchange: _Exchange, send: Send, body_length: int | None, chunked: bool
+    ) -> BodySource | None:
+        try:
+            return await self._request_body(receive, exchange, body_length, chunked)
+        except _RequestEnded as ended:
+            await self._request_ended(exchange, send, ended)
+            return None
+
+    async def _cache_lookup(
+        self, store: CacheStore, primary: bytes, extra: bytes, headers: Callable[[], Headers]
+    ) -> tuple[Entry | None, str]:
+        try:
+            return await store.lookup(primary, extra, headers)
+        except (StateError, ValueError) as exc:
+            _cache_log.log("lookup", logging.WARNING, "cache lookup failed (treated as a miss): %s", exc)
+            return None, "miss"
+
+    async def _serve_entry(self, call: _CacheCall, entry: Entry, age: float, cache_status: bytes) -> None:
+        """Answer from a stored entry: Age, Cache-Status, a 304 for a matching conditional request."""
+        exchange = call.exchange
+        request_id = exchange.request_id or b"-"
+        status = entry.status
+        not_modified = call.conditional and cache_policy.client_not_modified(
+            call.scope["headers"], entry.headers, status
+        )
+        if not_modified:
+            status = 304
+            headers = [(n, v) for n, v in entry.headers if n in cache_policy.NOT_MODIFIED_FIELDS]
+        else:
+            headers = list(entry.headers)
+        headers.append((b"age", b"%d" % int(age)))
+        headers.append((b"cache-status", cache_status))
+        headers.append((self._request_id_header, request_id))
+        no_body = not_modified or exchange.method == "HEAD" or status in (204, 304) or status < 200
+        body = entry.body
+        chunks: AsyncIterator[bytes] | None = None
+        if body is None and not no_body:
+            assert self.cache_store is not None
+            chunks = self.cache_store.body_chunks(entry)
+        filters = call.filters
+        try:
+            if call.stream is not None and filters is not None and filters.response_phase:
+                relay = _ResponseRelay(exchange, call.send, call.stream, filters.response_body)
+                if status not in (204, 304) and status >= 200:
+                    headers.append((b"content-length", b"%d" % entry.body_len))
+                if not await relay.start(status, headers, no_body):
+                    return
+                if no_body:
+                    await relay.finish_empty()
+                elif body is not None:
+                    if not await relay.body(body, True):
+                        return
+                else:
+                    assert chunks is not None
+                    async for chunk in chunks:
+                        if not await relay.body(chunk, False):
+                            return
+                    await relay.body(b"", True)
+            else:
+                if status not in (204, 304) and status >= 200:
+                    headers.append((b"content-length", b"%d" % entry.body_len))
+                exchange.status = status
+                send = call.send
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                if no_body:
+                    await send({"type": "http.response.body", "body": b""})
+                elif body is not None:
+                    await send({"type": "http.response.body", "body": body})
+                    exchange.bytes_sent = len(body)
+                else:
+                    assert chunks is not None
+                    sent = 0
+                    async for chunk in chunks:
+                        sent += len(chunk)
+                        exchange.bytes_sent = sent
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except StateError as exc:
+            # A body chunk was evicted under a response already started: never a silently short body.
+            logger.warning("request %s: cached body incomplete: %s", request_id.decode(), exc)
+            exchange.aborted = True
+            exchange.log()
+            return
+        except OSError:
+            exchange.aborted = True
+        if not exchange.aborted:
+            exchange.log()
+
+    async def _cache_forward(self, call: _CacheCall, headers: Headers, cache_status: bytes) -> None:
+        """Forward without the store (bypass, HEAD miss): the upstream answer plus Cache-Status."""
+        response = await self._upstream(
+            call.exchange, call.upstream, call.send, call.method, call.target, headers, call.body
+        )
+        if response is None:
+            return
+        await self._relay_cache_response(call, response, cache_status, None)
+
+    async def _cache_write_through(self, call: _CacheCall) -> None:
+        """Unsafe methods go to the origin; a non-error answer invalidates the target URI and the same-origin
+        Location / Content-Location (RFC 9111 4.4)."""
+        response = await self._upstream(
+            call.exchange, call.upstream, call.send, call.method, call.target, call.headers, call.body
+        )
+        if response is None:
+            return
+        host = normalize_host(call.host.decode("latin-1"))
+        store = self.cache_store
+        assert store is not None
+        targets = cache_policy.invalidation_targets(
+            call.method, response.status, call.scheme, host, call.target, response.headers
+        )
+        for target in targets:
+            canonical = canonical_target(target)
+            if canonical is None:
+                continue
+            try:
+                await store.invalidate(primary_key(cache_url(call.scheme, host, canonical)))
+            except (StateError, ValueError) as exc:
+                _cache_log.log("invalidate", logging.WARNING, "cache invalidation failed: %s", exc)
+        await self._relay_cache_response(call, response, None, None)
+
+    async def _cache_fetch(self, call: _CacheCall, stale: Entry | None, fwd: bytes) -> bool:
+        """Fetch (conditionally when ``stale`` has validators), store when allowed, answer. True when an
+        entry was stored or refreshed (waiters can then be answered from the store)."""
+        rc = call.cache
+        exchange = call.exchange
+        headers = [h for h in call.headers if h[0] not in _CLIENT_CONDITIONALS]
+        if stale is not None:
+            headers.extend(cache_policy.conditional_headers(stale.headers))
+        request_time = time.time()
+        started = time.perf_counter()
+        try:
+            response = await exchange.generation.pools[call.upstream].request(
+                "GET", call.target, headers, call.body, idempotent=True
+            )
+        except UpstreamError as exc:
+            self._count_upstream_error(call.upstream, exc)
+            if stale is not None and cache_policy.may_serve_on_error(stale.freshness, time.time()):
+                rc.count("stale")
+                age = cache_policy.current_age(stale.freshness, time.time())
+                ttl = stale.freshness.lifetime - age
+                status = b"wasm-gateway; hit; ttl=%d; detail=stale-if-error" % int(ttl)
+                await self._serve_entry(call, stale, age, status)
+                return False
+            status_code = 504 if isinstance(exc, UpstreamTimeoutError) else 502
+            logger.warning("request %s: %s", (exchange.request_id or b"-").decode(), exc)
+            exchange.extra_headers = [(b"cache-status", b"wasm-gateway; fwd=" + fwd)]
+            await exchange.error(
+                call.send,
+                status_code,
+                "gateway_timeout" if status_code == 504 else "bad_gateway",
+                f"upstream {call.upstream!r} {'timed out' if status_code == 504 else 'failed'}",
+                None,
+            )
+            return False
+        exchange.upstream_duration = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.upstream_child(call.upstream).observe(exchange.upstream_duration)
+        response_time = time.time()
+        assert self.cache_store is not None
+        if stale is not None:
+            if response.status == 304:
+                await response.aclose()
+                entry = await self._merge_304(call, stale, response.headers, request_time, response_time)
+                rc.count("revalidated")
+                now = time.time()
+                age = cache_policy.current_age(entry.freshness, now)
+                await self._serve_entry(call, entry, age, b"wasm-gateway; fwd=" + fwd + b"; fwd-status=304")
+                return True
+            if response.status >= 500 and cache_policy.may_serve_on_error(stale.freshness, response_time):
+                await response.aclose()
+                rc.count("stale")
+                age = cache_policy.current_age(stale.freshness, response_time)
+                ttl = stale.freshness.lifetime - age
+                await self._serve_entry(
+                    call, stale, age, b"wasm-gateway; hit; ttl=%d; detail=stale-if-error" % int(ttl)
+                )
+                return False
+        fresh = cache_policy.freshness_for(
+            response.status,
+            response.headers,
+            request=call.directives,
+            request_time=request_time,
+            response_time=response_time,
+            options=rc.options,
+        )
+        vary = cache_policy.parse_vary(response.headers)
+        writer: EntryWriter | None = None
+        fwd_status = b"" if stale is None else b"; fwd-status=%d" % response.status
+        if isinstance(fresh, Freshness) and vary is not None:
+            length = _content_length(response.headers)
+            if length is not None and length > rc.max_object_bytes:
+                detail = b"; detail=too-large"
+            else:
+                writer = self.cache_store.writer(rc.max_object_bytes)
+                detail = b"; stored"
+        else:
+            detail = b"; detail=" + (fresh if isinstance(fresh, str) else "too-large").encode()
+        rc.count("miss" if writer is not None else "uncacheable")
+        cache_status = b"wasm-gateway; fwd=" + fwd + fwd_status + detail
+        if writer is None:
+            await self._relay_cache_response(call, response, cache_status, None)
+            return False
+        assert isinstance(fresh, Freshness) and vary is not None
+        store = self.cache_store
+        published = False
+
+        async def publish() -> None:
+            # Before the client sees the end of the body: a client that asks again finds the entry.
+            nonlocal published
+            if writer.failed:
+                return
+            try:
+                entry = await store.finish(
+                    writer,
+                    response.status,
+                    cache_policy.headers_to_store(response.headers, rc.options),
+                    fresh,
+                    call.url,
+                )
+                key = call.primary + call.extra
+                if entry.body is not None and self._coalescer.leads(key):
+                    variant = secondary_key(call.primary, call.extra, vary, call.headers) if vary else b""
+                    self._coalescer.hand_over(key, (entry, vary, variant))
+                await store.publish(entry, call.primary, call.extra, vary, call.headers)
+                published = True
+            except (StateError, ValueError) as exc:
+                _cache_log.log("store", logging.WARNING, "cache store failed (response not cached): %s", exc)
+
+        complete = await self._relay_cache_response(call, response, cache_status, writer, publish)
+        if not complete and not published and not writer.failed:
+            with contextlib.suppress(StateError):
+                await writer.abort()
+        return published
+
+    async def _merge_304(
+        self,
+        call: _CacheCall,
+        stale: Entry,
+        fresh_headers: Headers,
+        request_time: float,
+        response_time: float,
+    ) -> Entry:
+        """A 304 from the origin: its headers into the stored entry, freshness recomputed (RFC 9111 4.3.4)."""
+        assert self.cache_store is not None
+        merged = cache_policy.merge_not_modified(stale.headers, fresh_headers)
+        if merged is None:
+            return stale
+        date = [(n, v) for n, v in fresh_headers if n == b"date" or n == b"age"]
+        freshness = cache_policy.freshness_for(
+            stale.status,
+            [*merged, *date],
+            request=call.directives,
+            request_time=request_time,
+            response_time=response_time,
+            options=call.cache.options,
+        )
+        if not isinstance(freshness, Freshness):
+            return Entry(
+                stale.key,
+                stale.status,
+                merged,
+                stale.freshness,
+                stale.url,
+                stale.body,
+                stale.body_len,
+                stale.chunks,
+                stale.body_id,
+            )
+        try:
+            return await self.cache_store.update(stale, merged, freshness)
+        except (StateError, ValueError) as exc:
+            _cache_log.log("update", logging.WARNING, "cache update after 304 failed: %s", exc)
+            return stale
+
+    async def _relay_cache_response(
+        self,
+        call: _CacheCall,
+        response: UpstreamResponse,
+        cache_status: bytes | None,
+        writer: EntryWriter | None,
+        on_complete: Callable[[], Awaitable[None]] | None = None,
+    ) -> bool:
+        """Relay an upstream response (through the response filters when the route has them), feeding
+        ``writer`` with the body as received; ``on_complete`` runs once the whole body arrived, before the
+        client gets its end. True when the whole body arrived."""
+        exchange = call.exchange
+        headers = response_headers(
+            response.headers, request_id=exchange.request_id, request_id_header=self._request_id_header
+        )
+        if cache_status is not None:
+            headers.append((b"cache-status", cache_status))
+        status = response.status
+        no_body = exchange.method == "HEAD" or status in (204, 304) or status < 200
+        filters = call.filters
+        stream = call.stream
+        relay = (
+            _ResponseRelay(exchange, call.send, stream, filters.response_body)
+            if stream is not None and filters is not None and filters.response_phase
+            else None
+        )
+        complete = False
+        try:
+            try:
+                if relay is not None:
+                    if not await relay.start(status, headers, no_body):
+                        return False
+                else:
+                    exchange.status = status
+                    await call.send({"type": "http.response.start", "status": status, "headers": headers})
+                sent = 0
+                if not no_body:
+                    async for chunk in response.body():
+                        if writer is not None and not writer.failed:
+                            await _feed(writer, chunk)
+                        sent += len(chunk)
+                        if relay is not None:
+                            if not await relay.body(chunk, False):
+                                return False
+                        else:
+                            await call.send({"type": "http.response.body", "body": chunk, "more_body": True})
+                complete = True
+                if on_complete is not None:
+                    await on_complete()
+                if relay is not None:
+                    if no_body:
+                        await relay.finish_empty()
+                    else:
+                        await relay.body(b"", True)
+                else:
+                    await call.send({"type": "http.response.body", "body": b"", "more_body": False})
+                    exchange.bytes_sent = sent
+            except UpstreamError as exc:
+                self._abort(
+                    exchange, call.upstream, exc, relay.sent if relay is not None else exchange.bytes_sent
+                )
+                return False
+            except OSError:
+                exchange.aborted = True
+        finally:
+            await response.aclose()
+        if not exchange.aborted:
+            exchange.log()
+        return complete
+
+    def _start_refresh(self, call: _CacheCall, entry: Entry) -> None:
+        """stale-while-revalidate: refresh in the background, once per key and process."""
+        key = call.primary + call.extra
+        if self._coalescer.join(key) is not None:
+            return  # a fetch for this key is already under way
+        task = asyncio.get_running_loop().create_task(self._refresh(call, entry, key))
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)
+
+    async def _refresh(self, call: _CacheCall, entry: Entry, key: bytes) -> None:
+        store = self.cache_store
+        assert store is not None
+        rc = call.cache
+        try:
+            headers = [h for h in call.headers if h[0] not in _CLIENT_CONDITIONALS]
+            headers.extend(cache_policy.conditional_headers(entry.headers))
+            request_time = time.time()
+            pool = self.pools.get(call.upstream)  # the current version's: the request's may be retired
+            if pool is None:
+                return  # a reload removed the upstream
+            response = await pool.request("GET", call.target, headers, BodySource(None), idempotent=True)
+            response_time = time.time()
+            try:
+                if response.status == 304:
+                    await self._merge_304(call, entry, response.headers, request_time, response_time)
+                    return
+                fresh = cache_policy.freshness_for(
+                    response.status,
+                    response.headers,
+                    request=call.directives,
+                    request_time=request_time,
+                    response_time=response_time,
+                    options=rc.options,
+                )
+                vary = cache_policy.parse_vary(response.headers)
+                if not isinstance(fresh, Freshness) or vary is None:
+                    return
+                writer = store.writer(rc.max_object_bytes)
+                async for chunk in response.body():
+                    if not await writer.feed(chunk):
+                        return
+                await store.commit(
+                    writer,
+                    call.primary,
+                    call.extra,
+                    vary,
+                    call.headers,
+                    response.status,
+                    cache_policy.headers_to_store(response.headers, rc.options),
+                    fresh,
+                    call.url,
+                )
+            finally:
+                await response.aclose()
+        except (UpstreamError, StateError, ValueError) as exc:
+            _cache_log.log(
+                "refresh", logging.WARNING, "background cache refresh of %s failed: %s", call.url, exc
+            )
+        finally:
+            self._coalescer.done(key, True)  # never "pass": the next miss may fetch and store
+
+    async def _purge(self, exchange: _Exchange, scope: Scope, receive: Receive, send: Send) -> None:
+        """POST {"url": ...} or {"prefix": ...} with ``Authorization: Bearer <token>``."""
+        token = self._purge_token
+        presented = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                presented = value
+        if token is None or not hmac.compare_digest(presented, token):
+            exchange.extra_headers = [(b"www-authenticate", b'Bearer realm="cache-purge"')]
+            await exchange.error(send, 401, "unauthorized", "a valid purge token is required", "auth")
+            return
+        if exchange.method != "POST":
+            exchange.extra_headers = [(b"allow", b"POST")]
+            await exchange.error(send, 405, "method_not_allowed", "use POST", "method")
+            return
+        try:
+            raw = await _read_limited(receive, 64 * 1024)
+            data = orjson.loads(raw) if raw else None
+        except (orjson.JSONDecodeError, _BodyTooLarge):
+            data = None
+        except _ClientGone:
+            return
+        store = self.cache_store
+        url = data.get("url") if isinstance(data, dict) else None
+        prefix = data.get("prefix") if isinstance(data, dict) else None
+        if store is None or not (isinstance(url, str) ^ isinstance(prefix, str)):
+            await exchange.error(
+                send, 400, "bad_request", 'expected JSON {"url": "..."} or {"prefix": "..."}', None
+            )
+            return
+        try:
+            if isinstance(url, str):
+                normalised = _purge_url(url)
+                if normalised is None:
+                    await exchange.error(send, 400, "bad_request", "url must be http(s)://host/path", None)
+                    return
+                removed = await store.invalidate(primary_key(normalised))
+                result: dict[str, Any] = {"purged": "url", "url": normalised, "removed": removed}
+            else:
+                assert isinstance(prefix, str)
+                normalised = _purge_url(prefix, prefix=True)
+                if normalised is None:
+                    await exchange.error(send, 400, "bad_request", "prefix must be http(s)://host/...", None)
+                    return
+                await store.purge_prefix(normalised)
+                result = {"purged": "prefix", "prefix": normalised}
+        except (StateError, ValueError) as exc:
+            await exchange.error(send, 503, "unavailable", f"cache store failed: {exc}", None)
+            return
+        exchange.status = 200
+        await _send_json(send, 200, result)
+        exchange.log()
 
     # -- filters --------------------------------------------------------------------------------------------------
 
@@ -1048,6 +1697,21 @@ class Gateway:
         body["config"] = {"hash": generation.digest, "reload": self.last_reload, "worker": os.getpid()}
         body["upstreams"] = {name: pool.stats() for name, pool in generation.pools.items()}
         await _send_json(send, 200 if ready else 503, body)
+
+    def _swap_cache_routes(self, config: GatewayConfig) -> None:
+        """The reloaded config's per-route cache rules (the store stays: its settings need a restart)."""
+        self._flush_cache_counts()
+        routes = _cache_routes_of(config)
+        self._cache_routes = routes
+        if routes and self.cache_store is None:
+            self._open_cache()  # the first route to enable the cache
+        elif self._cache_metrics is not None:
+            for name, rc in routes.items():
+                rc.bind_metrics(self._cache_metrics, name)
+
+    def _flush_cache_counts(self) -> None:
+        for rc in self._cache_routes.values():
+            rc.flush()
 
     async def _metrics_endpoint(self, send: Send) -> None:
         self.sync_metrics()
@@ -1512,6 +2176,15 @@ def create_app(config: GatewayConfig | str | os.PathLike[str] | None = None) -> 
     return Gateway(config)
 
 
+def _cache_routes_of(config: GatewayConfig) -> dict[str, _RouteCache]:
+    """The cache rules of every route that enables the cache (rebuilt on reload)."""
+    return {
+        route.name: _RouteCache.build(config, route)
+        for route in config.routes
+        if route.cache.enabled and route.upstream is not None
+    }
+
+
 def _factory_metrics_dir() -> None:
     """Metrics that add up when a server runs the factory in several worker processes.
 
@@ -1533,3 +2206,337 @@ def _factory_metrics_dir() -> None:
         use_multiprocess_dir(path)
     except (OSError, RuntimeError) as exc:
         logger.warning("metrics directory %s unusable (%s): each worker reports its own metrics", path, exc)
+
+
+# ------------------------------------------------------------------------------------------------ response cache
+
+# Client conditionals and ranges are answered by the cache itself: never forwarded on a fetch to fill it.
+_CLIENT_CONDITIONALS = frozenset(
+    {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range", b"range"}
+)
+_MANAGED_HEADERS = HOP_BY_HOP | {
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"forwarded",
+    b"x-real-ip",
+    b"via",
+    b"content-length",
+    b"x-request-id",
+    *STRIPPED_ON_CACHED_ROUTES,
+}
+_LOOKUP_RESULTS = ("hit", "miss", "stale", "revalidated", "bypass", "uncacheable")
+
+
+class _RouteCache:
+    """A cached route's settings, resolved once at start-up, and its pre-bound metric children."""
+
+    __slots__ = (
+        "_coalesced",
+        "_counts",
+        "_lookups",
+        "bypass_headers",
+        "bypass_paths",
+        "credentials",
+        "key_spec",
+        "managed_key_headers",
+        "max_object_bytes",
+        "options",
+        "wait_timeout",
+    )
+
+    def __init__(
+        self,
+        key_spec: KeySpec,
+        options: StoreOptions,
+        max_object_bytes: int,
+        bypass_headers: frozenset[bytes],
+        bypass_paths: tuple[str, ...],
+        credentials: frozenset[bytes],
+        wait_timeout: float,
+    ) -> None:
+        self.key_spec = key_spec
+        self.options = options
+        self.max_object_bytes = max_object_bytes
+        self.bypass_headers = bypass_headers
+        self.bypass_paths = bypass_paths
+        self.credentials = credentials
+        self.wait_timeout = wait_timeout
+        # Key headers the gateway sets or drops itself: read from the upstream headers, never the client's.
+        self.managed_key_headers = any(h in _MANAGED_HEADERS or h == b"host" for h in key_spec.headers)
+        self._lookups: dict[str, Any] = {}
+        self._counts: dict[str, int] = dict.fromkeys(_LOOKUP_RESULTS, 0)
+        self._coalesced: Any = None
+
+    @classmethod
+    def build(cls, config: GatewayConfig, route: RouteConfig) -> _RouteCache:
+        c = route.cache
+        assert route.upstream is not None
+        upstream = config.upstreams[route.upstream]
+        return cls(
+            key_spec=KeySpec(
+                headers=tuple(h.encode() for h in c.key_headers),
+                cookie=c.key_cookie.encode() if c.key_cookie else None,
+            ),
+            options=StoreOptions(
+                default_ttl=c.default_ttl,
+                heuristic=c.heuristic,
+                store_set_cookie=c.store_set_cookie,
+                keep_stale=config.cache.keep_stale_seconds,
+            ),
+            max_object_bytes=c.max_object_bytes
+            if c.max_object_bytes is not None
+            else config.cache.max_object_bytes,
+            bypass_headers=frozenset(h.encode() for h in c.bypass_headers) | {b"range"},
+            bypass_paths=c.bypass_paths,
+            credentials=_credential_headers(config, route),
+            wait_timeout=upstream.read_timeout or config.server.timeouts.upstream_read,
+        )
+
+    def bind_metrics(self, metrics: CacheMetrics, route: str) -> None:
+        self._lookups = {r: metrics.lookups.labels(route, r) for r in _LOOKUP_RESULTS}
+        self._counts = dict.fromkeys(_LOOKUP_RESULTS, 0)
+        self._coalesced = metrics.coalesced_waits.labels(route)
+
+    def count(self, result: str) -> None:
+        # A dict increment here; the Prometheus counters (a lock and a file write each in multiprocess
+        # mode) get the sums at every scrape of this process and every second (`flush`).
+        self._counts[result] += 1
+
+    def flush(self) -> None:
+        counts = self._counts
+        for result, child in self._lookups.items():
+            n = counts[result]
+            if n:
+                counts[result] = 0
+                child.inc(n)
+
+    def coalesced_wait(self) -> None:
+        if self._coalesced is not None:
+            self._coalesced.inc()
+
+    def bypass_reason(self, call: _CacheCall, headers: Headers, canonical: str | None) -> bytes | None:
+        """Why this request skips the cache, or None; notes whether it is conditional (one pass)."""
+        if canonical is None:
+            return b"path"
+        if call.body.chunks is not None:
+            return b"request-body"  # a "fat GET": its body must not shape what others are served
+        bypass = self.bypass_headers
+        credentials = self.credentials
+        for name, _ in headers:
+            if name in bypass:
+                return b"header-" + name
+            if name == b"if-none-match" or name == b"if-modified-since":
+                call.conditional = True
+            elif name == b"cache-control" or name == b"pragma" or name in credentials:
+                call.has_directives = True  # parsed by the caller: most requests have none
+        if self.bypass_paths:
+            path = canonical.split("?", 1)[0]
+            for prefix in self.bypass_paths:
+                if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                    return b"path"
+        return None
+
+
+class _CacheCall:
+    """One request on a cached route, as it goes upstream (after the request filters)."""
+
+    __slots__ = (
+        "_headers",
+        "body",
+        "cache",
+        "conditional",
+        "directives",
+        "exchange",
+        "extra",
+        "filters",
+        "forwarded_keys",
+        "has_directives",
+        "host",
+        "method",
+        "policy",
+        "primary",
+        "scheme",
+        "scope",
+        "send",
+        "stream",
+        "target",
+        "upstream",
+        "url",
+    )
+
+    def __init__(
+        self,
+        exchange: _Exchange,
+        cache: _RouteCache,
+        scope: Scope,
+        send: Send,
+        stream: ChainStream | None,
+        filters: _RouteFilters | None,
+        upstream: str,
+        method: str,
+        target: str,
+        headers: Headers | None,
+        body: BodySource,
+        host: bytes,
+        scheme: str,
+        forwarded_keys: bool,
+        policy: ForwardingPolicy,
+    ) -> None:
+        self.exchange = exchange
+        self.cache = cache
+        self.scope = scope
+        self.send = send
+        self.stream = stream
+        self.filters = filters
+        self.upstream = upstream
+        self.method = method
+        self.target = target
+        self._headers = headers
+        self.forwarded_keys = forwarded_keys
+        """Key parts come from the upstream headers (filters ran, or a trusted proxy's forwarding headers)."""
+        self.policy = policy
+        self.body = body
+        self.host = host
+        self.scheme = scheme
+        self.directives: RequestDirectives = cache_policy.NO_DIRECTIVES
+        self.has_directives = False
+        self.conditional = False
+        self.url = ""
+        self.primary = b""
+        self.extra = b""
+
+    @property
+    def headers(self) -> Headers:
+        """The request headers as they go upstream (built on first use on routes without filters)."""
+        headers = self._headers
+        if headers is None:
+            exchange = self.exchange
+            headers = self._headers = [
+                h
+                for h in upstream_request_headers(
+                    self.scope["headers"],
+                    peer=exchange.peer,
+                    client=exchange.client,
+                    scheme=self.scheme,
+                    host=self.host,
+                    policy=self.policy,
+                    request_id=exchange.request_id or b"-",
+                )
+                if h[0] not in STRIPPED_ON_CACHED_ROUTES
+            ]
+        return headers
+
+    def vary_headers(self) -> Headers:
+        return self.headers
+
+
+def _credential_headers(config: GatewayConfig, route: RouteConfig) -> frozenset[bytes]:
+    """Headers that carry a credential on this route: Authorization, and the headers the route's bundled
+    auth filter reads keys and tokens from (it may strip them before the upstream, so the cache looks at
+    what the client sent)."""
+    names = {b"authorization", b"proxy-authorization"}
+    for filter_name in route.filters:
+        spec = config.filters.get(filter_name)
+        if spec is not None:
+            names |= _auth_filter_headers(spec)
+    return frozenset(names)
+
+
+def _auth_filter_headers(spec: FilterConfig) -> set[bytes]:
+    from .filters import filter_path
+
+    if spec.module != filter_path("auth"):
+        return set()
+    try:
+        conf = orjson.loads(spec.configuration) if spec.configuration else {}
+    except orjson.JSONDecodeError:
+        return set()
+    out: set[bytes] = set()
+    if not isinstance(conf, dict):
+        return out
+    keys = conf.get("api_keys")
+    if isinstance(keys, dict):
+        header = keys.get("header", None if "query_param" in keys else "x-api-key")
+        if isinstance(header, str):
+            out.add(header.lower().encode())
+    jwt = conf.get("jwt")
+    if isinstance(jwt, dict):
+        header = jwt.get("header", "authorization")
+        if isinstance(header, str):
+            out.add(header.lower().encode())
+    return out
+
+
+async def _feed(writer: EntryWriter, chunk: bytes) -> None:
+    try:
+        await writer.feed(chunk)
+    except (StateError, ValueError) as exc:
+        _cache_log.log(
+            "store", logging.WARNING, "cache store failed while streaming (response not cached): %s", exc
+        )
+        writer.failed = True
+        with contextlib.suppress(StateError):
+            await writer.abort()
+
+
+def _content_length(headers: Headers) -> int | None:
+    for name, value in headers:
+        if name == b"content-length" and value.isdigit():
+            return int(value)
+    return None
+
+
+def _purge_url(url: str, prefix: bool = False) -> str | None:
+    """A purge URL in the form entries are filed under (canonical host and path), or None."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return None
+    authority, slash, target = rest.partition("/")
+    if not authority or not _valid_host(authority.encode("latin-1", "replace")):
+        return None
+    target = "/" + target if slash else "/"
+    if prefix:
+        canonical: str | None = target  # a prefix may end mid-segment: compared as a string
+    else:
+        canonical = canonical_target(target)
+    if canonical is None:
+        return None
+    return cache_url(scheme.lower(), authority, canonical)
+
+
+async def _read_limited(receive: Receive, limit: int) -> bytes:
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone()
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            raise _BodyTooLarge()
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def _sync_cache_metrics(
+    store: CacheStore, metrics: CacheMetrics, flush: Callable[[], None], interval: float = 1.0
+) -> None:
+    """Lookup counts, stored bytes and records from the engine (shared stores: every process reports the
+    same numbers), evictions as this process's delta."""
+    evictions = 0
+    while True:
+        flush()
+        try:
+            stats = store.stats()
+        except StateError:
+            stats = None
+        if stats is not None:
+            metrics.stored_bytes.set(stats.bytes)
+            metrics.entries.set(stats.records)
+            if stats.evictions > evictions:
+                metrics.evictions.inc(stats.evictions - evictions)
+                evictions = stats.evictions
+        await asyncio.sleep(interval)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -29,10 +30,13 @@ from .state.config import StateConfig
 from .upstream.connection import Target
 
 __all__ = [
+    "CacheConfig",
+    "CachePurgeConfig",
     "FilterConfig",
     "GatewayConfig",
     "LogConfig",
     "MetricsConfig",
+    "RouteCacheConfig",
     "RouteConfig",
     "ServerConfig",
     "TimeoutsConfig",
@@ -129,6 +133,30 @@ class FilterConfig:
 
 
 @dataclass(frozen=True)
+class RouteCacheConfig:
+    """A route's response cache (``cache = { enabled = true, ... }``); see docs/cache.md."""
+
+    enabled: bool = False
+    default_ttl: float | None = None
+    """Freshness for heuristically cacheable responses that carry none (None: only what the origin says)."""
+    heuristic: bool = True
+    """RFC 9111 heuristic freshness from Last-Modified (10% of its age, at most a day)."""
+    max_object_bytes: int | None = None
+    """Larger responses stream through unstored (None: ``[cache].max_object_bytes``)."""
+    key_headers: tuple[str, ...] = ()
+    """Request headers (as sent upstream, after filters) that key the entry, e.g. a claim set by auth."""
+    key_cookie: str | None = None
+    """A cookie whose value keys the entry."""
+    bypass_headers: tuple[str, ...] = ("cookie",)
+    """Requests carrying any of these headers neither read nor fill the cache (default: Cookie, unless
+    key_cookie is set)."""
+    bypass_paths: tuple[str, ...] = ()
+    """Path prefixes never cached on this route."""
+    store_set_cookie: bool = False
+    """Store responses carrying Set-Cookie without the cookie (default: such responses are not stored)."""
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     name: str
     upstream: str | None
@@ -143,6 +171,7 @@ class RouteConfig:
     """Header names that must be present (401 otherwise): a minimal guard until a filter does real auth."""
     keep_encoded_slashes: bool = False
     strip_prefix: bool = False
+    cache: RouteCacheConfig = field(default_factory=RouteCacheConfig)
 
     @property
     def target_is_app(self) -> bool:
@@ -166,6 +195,40 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class CachePurgeConfig:
+    enabled: bool = False
+    path: str = "/_gateway/cache/purge"
+    """Reserved path on the main listener, like health_path (POST with a bearer token)."""
+    token: str | None = None
+    """Required when enabled (use ${ENV_VAR}); compared in constant time."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where cached responses live and how much room they get; routes opt in with ``cache.enabled``."""
+
+    backend: Literal["memory", "local", "redis"] = "local"
+    path: Path | None = None
+    """local: LMDB directory (None: ``cache`` next to the default state directory)."""
+    redis_url: str | None = None
+    """redis: the server (None: ``[state].redis_url``)."""
+    key_prefix: str = "wasm-gateway:cache:"
+    timeout_ms: int = 250
+    max_bytes: int = 256 * 1024 * 1024
+    max_object_bytes: int = 8 * 1024 * 1024
+    chunk_bytes: int = 256 * 1024
+    max_ttl_seconds: float = 86_400.0
+    keep_stale_seconds: float = 600.0
+    purge: CachePurgeConfig = field(default_factory=CachePurgeConfig)
+
+    @property
+    def directory(self) -> Path:
+        from .state.config import default_state_dir
+
+        return self.path if self.path is not None else default_state_dir().parent / "cache"
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
@@ -182,6 +245,8 @@ class GatewayConfig:
     """Geolocation databases behind the ``geo.*`` properties (off unless a database is set)."""
     state: StateConfig = field(default_factory=StateConfig)
     """Where filters' shared data and queues live (embedded LMDB by default; Redis across nodes)."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """The response cache's store (used only when a route enables caching)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -389,6 +454,7 @@ class _Validator:
                 "cache_dir",
                 "state",
                 "geo",
+                "cache",
             },
         )
         server = self.server(raw.get("server", {}))
@@ -406,11 +472,17 @@ class _Validator:
         cache_dir = self.get(raw, "", "cache_dir", lambda k, v: self.base_dir / self.string(k, v), None)
         state = self.state(raw.get("state", {}))
         geo = self.geo(raw.get("geo", {}))
+        cache = self.cache(raw.get("cache", {}))
         reserved = {server.health_path, server.ready_path}
         if metrics.enabled and metrics.port is None:
             reserved.add(metrics.path)
-        if len(reserved) < 2 + (metrics.enabled and metrics.port is None):
-            self.error("server", "health_path, ready_path and metrics.path must be distinct")
+        if cache.purge.enabled:
+            reserved.add(cache.purge.path)
+        expected = 2 + (metrics.enabled and metrics.port is None) + cache.purge.enabled
+        if len(reserved) < expected:
+            self.error(
+                "server", "health_path, ready_path, metrics.path and cache.purge.path must be distinct"
+            )
         return GatewayConfig(
             server=server,
             upstreams=upstreams,
@@ -423,6 +495,7 @@ class _Validator:
             cache_dir=cache_dir,
             state=state,
             geo=geo,
+            cache=cache,
         )
 
     def server(self, raw: object) -> ServerConfig:
@@ -820,6 +893,7 @@ class _Validator:
                     "require_headers",
                     "keep_encoded_slashes",
                     "strip_prefix",
+                    "cache",
                 },
             )
             try:
@@ -895,6 +969,149 @@ class _Validator:
             ),
             keep_encoded_slashes=self.get(t, key, "keep_encoded_slashes", self.boolean, False),
             strip_prefix=self.get(t, key, "strip_prefix", self.boolean, False),
+            cache=self.route_cache(f"{key}.cache", t.get("cache", {}), upstream is None),
+        )
+
+    def route_cache(self, key: str, raw: object, is_app: bool) -> RouteCacheConfig:
+        try:
+            t = self.table(key, raw)
+        except _Invalid:
+            return RouteCacheConfig()
+        self.unknown_keys(
+            key,
+            t,
+            {
+                "enabled",
+                "default_ttl",
+                "heuristic",
+                "max_object_bytes",
+                "key_headers",
+                "key_cookie",
+                "bypass_headers",
+                "bypass_paths",
+                "store_set_cookie",
+            },
+        )
+        enabled = self.get(t, key, "enabled", self.boolean, False)
+        if enabled and is_app:
+            self.error(
+                f"{key}.enabled", "the cache sits in front of upstreams only (this route has app = true)"
+            )
+        key_cookie = self.get(t, key, "key_cookie", self.string, None)
+        if key_cookie is not None and not _HEADER_NAME_RE.match(key_cookie):
+            self.error(f"{key}.key_cookie", f"{_show(key_cookie)} is not a valid cookie name")
+        default_bypass: tuple[str, ...] = () if key_cookie is not None else ("cookie",)
+        bypass = tuple(
+            h.lower() for h in self.get(t, key, "bypass_headers", self.header_list, default_bypass)
+        )
+        if key_cookie is not None and "cookie" in bypass:
+            self.error(
+                f"{key}.bypass_headers",
+                "lists cookie while key_cookie is set: requests with cookies would never be cached "
+                "(drop cookie from bypass_headers)",
+            )
+        return RouteCacheConfig(
+            enabled=enabled,
+            default_ttl=self.get(t, key, "default_ttl", self.seconds, None),
+            heuristic=self.get(t, key, "heuristic", self.boolean, True),
+            max_object_bytes=self.get(t, key, "max_object_bytes", self.int_range(0), None),
+            key_headers=tuple(
+                h.lower() for h in self.get(t, key, "key_headers", self.header_list, _NO_STRINGS)
+            ),
+            key_cookie=key_cookie,
+            bypass_headers=bypass,
+            bypass_paths=tuple(
+                self.url_path(f"{key}.bypass_paths[{i}]", p)
+                for i, p in enumerate(self.get(t, key, "bypass_paths", self.string_list, _NO_STRINGS))
+            ),
+            store_set_cookie=self.get(t, key, "store_set_cookie", self.boolean, False),
+        )
+
+    def header_list(self, key: str, value: object) -> tuple[str, ...]:
+        names = self.string_list(key, value)
+        for i, name in enumerate(names):
+            if not _HEADER_NAME_RE.match(name):
+                self.error(f"{key}[{i}]", f"{_show(name)} is not a valid header name")
+        return names
+
+    def cache(self, raw: object) -> CacheConfig:
+        try:
+            t = self.table("cache", raw)
+        except _Invalid:
+            return CacheConfig()
+        d = CacheConfig()
+        self.unknown_keys(
+            "cache",
+            t,
+            {
+                "backend",
+                "path",
+                "redis_url",
+                "key_prefix",
+                "timeout_ms",
+                "max_bytes",
+                "max_object_bytes",
+                "chunk_bytes",
+                "max_ttl_seconds",
+                "keep_stale_seconds",
+                "purge",
+            },
+        )
+        redis_url = self.get(t, "cache", "redis_url", self.string, None)
+        if redis_url is not None and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
+            self.error("cache.redis_url", f"{_show(redis_url)} is not a redis://, rediss:// or unix:// URL")
+        prefix = self.get(t, "cache", "key_prefix", self.string, d.key_prefix)
+        if "{" in prefix or "}" in prefix:
+            self.error("cache.key_prefix", "braces are reserved (Redis Cluster hash tags)")
+        config = CacheConfig(
+            backend=self.get(t, "cache", "backend", self.choice("memory", "local", "redis"), d.backend),
+            path=self.get(t, "cache", "path", lambda k, v: self.base_dir / self.string(k, v), None),
+            redis_url=redis_url,
+            key_prefix=prefix,
+            timeout_ms=self.get(t, "cache", "timeout_ms", self.int_range(1, 60_000), d.timeout_ms),
+            max_bytes=self.get(t, "cache", "max_bytes", self.int_range(1024 * 1024), d.max_bytes),
+            max_object_bytes=self.get(t, "cache", "max_object_bytes", self.int_range(0), d.max_object_bytes),
+            chunk_bytes=self.get(
+                t, "cache", "chunk_bytes", self.int_range(4096, 64 * 1024 * 1024), d.chunk_bytes
+            ),
+            max_ttl_seconds=self.get(t, "cache", "max_ttl_seconds", self.seconds, d.max_ttl_seconds),
+            keep_stale_seconds=self.get(
+                t, "cache", "keep_stale_seconds", self.non_negative_seconds, d.keep_stale_seconds
+            ),
+            purge=self.cache_purge(t.get("purge", {})),
+        )
+        if config.max_object_bytes > config.max_bytes // 4:
+            self.error(
+                "cache.max_object_bytes",
+                f"{config.max_object_bytes} is more than a quarter of cache.max_bytes ({config.max_bytes}); "
+                "raise max_bytes or lower max_object_bytes",
+            )
+        return config
+
+    def non_negative_seconds(self, key: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise self.error(key, f"expected a number of seconds >= 0, got {_show(value)}")
+        return float(value)
+
+    def cache_purge(self, raw: object) -> CachePurgeConfig:
+        try:
+            t = self.table("cache.purge", raw)
+        except _Invalid:
+            return CachePurgeConfig()
+        d = CachePurgeConfig()
+        self.unknown_keys("cache.purge", t, {"enabled", "path", "token"})
+        enabled = self.get(t, "cache.purge", "enabled", self.boolean, False)
+        token = self.get(t, "cache.purge", "token", self.string, None)
+        if enabled and (token is None or len(token) < 16):
+            self.error(
+                "cache.purge.token",
+                "the purge endpoint needs a token of at least 16 characters when enabled "
+                '(e.g. token = "${CACHE_PURGE_TOKEN}")',
+            )
+        return CachePurgeConfig(
+            enabled=enabled,
+            path=self.get(t, "cache.purge", "path", self.url_path, d.path),
+            token=token,
         )
 
     def path_pattern(self, key: str, value: object) -> str:

@@ -256,7 +256,9 @@ def restart_only_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
         if getattr(old.server.timeouts, k) != getattr(new.server.timeouts, k)
     ]
     changed += [
-        section for section in ("metrics", "log", "state") if getattr(old, section) != getattr(new, section)
+        section
+        for section in ("metrics", "log", "state", "cache")  # cache: the store and purge (route rules reload)
+        if getattr(old, section) != getattr(new, section)
     ]
     return changed
 

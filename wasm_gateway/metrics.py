@@ -13,7 +13,7 @@ import platform
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -29,7 +29,9 @@ from . import __version__
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
+    "CacheMetrics",
     "GatewayMetrics",
+    "cache_metrics",
     "exposition",
     "gateway_metrics",
     "method_label",
@@ -413,6 +415,54 @@ def initialize_runtime_series(filters: Iterable[str]) -> None:
             m.faults.labels(name, kind)
         for decision in POLICY_DECISIONS:
             m.policy.labels(name, decision)
+
+
+@dataclass(frozen=True)
+class CacheMetrics:
+    lookups: Counter
+    stored_bytes: Gauge
+    entries: Gauge
+    evictions: Counter
+    coalesced_waits: Counter
+
+
+_cache: CacheMetrics | None = None
+
+
+def cache_metrics(shared: bool = True) -> CacheMetrics:
+    """The response cache's metrics (created on first use). ``shared``: the store is shared by the worker
+    processes (LMDB, Redis), so every worker reports the same stored bytes and entries and multiprocess
+    exposition takes the maximum; a per-process memory store sums them instead."""
+    global _cache
+    if _cache is None:
+        mode: Literal["livemax", "livesum"] = "livemax" if shared else "livesum"
+        _cache = CacheMetrics(
+            lookups=Counter(
+                "wasm_gateway_cache_lookups_total",
+                "Cache lookups by route and result (hit, miss, stale, revalidated, bypass, uncacheable).",
+                ["route", "result"],
+            ),
+            stored_bytes=Gauge(
+                "wasm_gateway_cache_stored_bytes",
+                "Bytes held by the cache store (keys, values and bookkeeping; as counted for its bound).",
+                multiprocess_mode=mode,
+            ),
+            entries=Gauge(
+                "wasm_gateway_cache_entries",
+                "Records in the cache store (entries, variant indexes and body chunks of large bodies).",
+                multiprocess_mode=mode,
+            ),
+            evictions=Counter(
+                "wasm_gateway_cache_evictions_total",
+                "Cache records evicted to stay within cache.max_bytes.",
+            ),
+            coalesced_waits=Counter(
+                "wasm_gateway_cache_coalesced_waits_total",
+                "Cache misses that waited for another request's upstream fetch of the same key, by route.",
+                ["route"],
+            ),
+        )
+    return _cache
 
 
 _state_errors: Counter | None = None

@@ -150,6 +150,8 @@ class LocalStore:
         except OSError as exc:
             raise StateError(f"cannot create the local state directory {directory}: {exc}", "local") from None
         self._env: lmdb.Environment | None = None
+        self.evictions = 0
+        """Entries this process dropped to stay within the bounds (not expiries)."""
         self._open()
 
     def _open(self) -> None:
@@ -348,6 +350,8 @@ class LocalStore:
                 if swept >= 2 or (raw is not None and _ENTRY.unpack_from(raw)[1] > now):
                     break
                 swept += 1
+            elif raw is not None:
+                self.evictions += 1
             if raw is None or _SEQ.unpack(_bytes(cursor.key()))[0] != _ENTRY.unpack_from(raw)[2]:
                 cursor.delete()  # an order record without its entry: repair, uncounted
                 continue

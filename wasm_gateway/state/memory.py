@@ -47,6 +47,8 @@ class MemoryStore:
         self._cas_low, self._cas_high = low, high
         self._next_cas = low
         self._writes = 0
+        self.evictions = 0
+        """Entries dropped to stay within the bounds (not expiries), since this store was created."""
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -150,6 +152,7 @@ class MemoryStore:
             oldest, entry = next(iter(data.items()))
             if len(data) > self.max_entries or self._bytes > self.max_bytes:
                 self._drop(oldest)
+                self.evictions += 1
             elif entry[2] <= now and swept < 2:
                 self._drop(oldest)
                 swept += 1

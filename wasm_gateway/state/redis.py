@@ -59,6 +59,7 @@ FALLBACK_CAS_RANGE = (REDIS_MAX_CAS + 1, MAX_CAS)
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 2.0
 STILL_DOWN_LOG_INTERVAL_S = 30.0
+ASYNC_POOL_SIZE = 64
 
 # KEYS[1] key; ARGV: value, expected cas (0: any, 0xFFFFFFFF: only if absent), ttl ms, cas seed for a new key.
 # -> the new cas, 0 on mismatch.
@@ -279,9 +280,15 @@ class RedisBackend:
     def async_client(self) -> redis.asyncio.Redis:
         loop = asyncio.get_running_loop()
         if self._async is None or self._async[0] is not loop:
-            client = redis.asyncio.Redis.from_url(
-                self.url, **self._client_options(redis.asyncio.retry.Retry(NoBackoff(), 0))
+            # A blocking pool: a burst of concurrent calls (a cache stampede) waits up to the command
+            # timeout for a connection instead of failing with "Too many connections" and marking Redis down.
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=ASYNC_POOL_SIZE,
+                timeout=self.timeout,
+                **self._client_options(redis.asyncio.retry.Retry(NoBackoff(), 0)),
             )
+            client = redis.asyncio.Redis.from_pool(pool)
             self._async = (loop, client)
         return self._async[1]
 
