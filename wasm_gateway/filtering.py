@@ -55,6 +55,8 @@ def _spec(f: FilterConfig, upstreams: frozenset[str]) -> FilterSpec:
         allowed_dirs=tuple(str(d) for d in f.allowed_dirs),
         log_level=f.log_level,
         upstreams=upstreams,
+        kv=f.kv,
+        sql=f.sql,
     )
 
 

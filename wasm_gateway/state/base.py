@@ -5,7 +5,9 @@ A backend offers three views of one store:
 * ``shared_data``: the runtime's synchronous `SharedDataStore` (``proxy_get/set_shared_data``), with a TTL on
   every entry and compare-and-swap values that are non-zero and change on every write;
 * ``queues``: the runtime's synchronous `SharedQueueStore` (``proxy_*_shared_queue``);
-* ``kv``: a small asynchronous key/value interface (`AsyncKV`) for the gateway's own use (the response cache).
+* ``kv``: a small asynchronous key/value interface (`AsyncKV`) for the gateway's own use (the response cache);
+* ``edge``: the synchronous, namespaced `EdgeStore` behind the filters' ``kv.*`` foreign functions
+  (wasm_gateway/edge/).
 
 Shared data and the KV live in separate namespaces of the same store. The memory and local backends are
 built from one synchronous `Engine`; Redis implements the views itself (see ``redis.py``).
@@ -27,11 +29,14 @@ from ..runtime.shared import SharedDataStore, SharedQueueStore
 
 __all__ = [
     "CAS_CREATE",
+    "EDGE_NAMESPACE",
     "KV_NAMESPACE",
     "MAX_CAS",
     "SHARED_NAMESPACE",
     "AsyncKV",
+    "EdgeStore",
     "Engine",
+    "EngineEdgeStore",
     "EngineKV",
     "EngineSharedData",
     "ErrorHook",
@@ -47,6 +52,7 @@ __all__ = [
 # The first byte of an engine key says whose it is: proxy_*_shared_data or the gateway's async KV.
 SHARED_NAMESPACE = b"s"
 KV_NAMESPACE = b"k"
+EDGE_NAMESPACE = b"e"  # the filters' KV namespaces: b"e" + namespace + b"\0" + key
 
 # A write with this cas succeeds only if the key is absent (or expired): an atomic create, which the ABI lacks
 # (cas 0 writes unconditionally, so two processes that both read "absent" would both write). No backend ever
@@ -199,6 +205,79 @@ class EngineKV:
         return self._engine.incr(KV_NAMESPACE + key, delta, self._ttl if ttl is None else ttl)
 
 
+class EdgeStore(Protocol):
+    """The filters' namespaced KV (``kv.*`` foreign functions): synchronous, since host calls are.
+
+    Namespace names never contain NUL or ``:`` (the config checks). Failures raise `StateError`
+    (`StateUnavailableError` when a remote backend is down); ValueError when ``incr`` meets a non-integer.
+    """
+
+    backend: str
+
+    def get(self, ns: bytes, key: bytes) -> bytes | None: ...
+
+    def put(self, ns: bytes, key: bytes, value: bytes, ttl: float, max_keys: int) -> bool:
+        """Store; False (nothing written) when the key is new and ``ns`` already holds ``max_keys`` keys."""
+        ...
+
+    def delete(self, ns: bytes, key: bytes) -> bool: ...
+
+    def incr(self, ns: bytes, key: bytes, delta: int, ttl: float, max_keys: int) -> int | None:
+        """The new total (``ttl`` applies to a new key); None when the key is new and ``ns`` is full."""
+        ...
+
+    def scan(self, ns: bytes, prefix: bytes, limit: int) -> list[bytes]:
+        """Up to ``limit`` live keys of ``ns`` starting with ``prefix``, in byte order."""
+        ...
+
+
+class ScanningEngine(Engine, Protocol):
+    def scan(self, prefix: bytes, limit: int) -> list[bytes]:
+        """Up to ``limit`` live keys starting with ``prefix``, in byte order."""
+        ...
+
+
+class EngineEdgeStore:
+    """`EdgeStore` over an `Engine` (memory, local). The namespace bound is checked before a new key is
+    written, not in the same transaction: concurrent creators can overshoot it by their number."""
+
+    def __init__(self, engine: ScanningEngine) -> None:
+        self._engine = engine
+        self.backend = engine.backend
+
+    @staticmethod
+    def _key(ns: bytes, key: bytes) -> bytes:
+        return EDGE_NAMESPACE + ns + b"\0" + key
+
+    def _full(self, ns: bytes, key: bytes, max_keys: int) -> bool:
+        engine = self._engine
+        if engine.get(self._key(ns, key)) is not None:
+            return False
+        return len(engine.scan(EDGE_NAMESPACE + ns + b"\0", max_keys)) >= max_keys
+
+    def get(self, ns: bytes, key: bytes) -> bytes | None:
+        entry = self._engine.get(self._key(ns, key))
+        return None if entry is None else entry[0]
+
+    def put(self, ns: bytes, key: bytes, value: bytes, ttl: float, max_keys: int) -> bool:
+        if self._full(ns, key, max_keys):
+            return False
+        self._engine.put(self._key(ns, key), value, 0, ttl)
+        return True
+
+    def delete(self, ns: bytes, key: bytes) -> bool:
+        return self._engine.delete(self._key(ns, key))
+
+    def incr(self, ns: bytes, key: bytes, delta: int, ttl: float, max_keys: int) -> int | None:
+        if self._full(ns, key, max_keys):
+            return None
+        return self._engine.incr(self._key(ns, key), delta, ttl)
+
+    def scan(self, ns: bytes, prefix: bytes, limit: int) -> list[bytes]:
+        head = EDGE_NAMESPACE + ns + b"\0"
+        return [k[len(head) :] for k in self._engine.scan(head + prefix, limit)]
+
+
 # ---------------------------------------------------------------------------------------------------- queues
 
 # Tokens are derived from (vm_id, name), so every process (and node) agrees on them without a round trip;
@@ -340,8 +419,10 @@ class SharedState:
         aclose: Callable[[], Awaitable[None]] | None = None,
         healthy: Callable[[], bool] | None = None,
         error_counts: Callable[[], dict[str, int]] | None = None,
+        edge: EdgeStore | None = None,
     ) -> None:
         self.backend = backend
+        self.edge = edge
         self.shared_data = shared_data
         self.queues = queues
         self.kv = kv

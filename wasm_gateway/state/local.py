@@ -34,7 +34,16 @@ import lmdb
 
 from ..exceptions import StateError
 from ..runtime.abi import Status
-from .base import CAS_CREATE, MAX_CAS, EngineKV, EngineSharedData, QueueHub, SharedState, parse_int
+from .base import (
+    CAS_CREATE,
+    MAX_CAS,
+    EngineEdgeStore,
+    EngineKV,
+    EngineSharedData,
+    QueueHub,
+    SharedState,
+    parse_int,
+)
 
 __all__ = ["FORMAT_VERSION", "LocalQueueStorage", "LocalStore", "open_local_state"]
 
@@ -256,6 +265,25 @@ class LocalStore:
 
         return self._write(op)
 
+    def scan(self, prefix: bytes, limit: int) -> list[bytes]:
+        """Live keys starting with ``prefix`` in byte order, at most ``limit`` (one read transaction, a cursor
+        over the prefix's range). Keys longer than LMDB's limit are stored by digest and never listed."""
+        out: list[bytes] = []
+        now = time.time()
+        try:
+            with self._environment().begin(db=self._data) as txn:
+                cursor = txn.cursor()
+                if cursor.set_range(prefix):
+                    for key, raw in cursor:
+                        key = _bytes(key)
+                        if not key.startswith(prefix) or len(out) >= limit:
+                            break
+                        if _ENTRY.unpack_from(raw)[1] > now:
+                            out.append(key)
+        except lmdb.Error as exc:
+            raise StateError(f"local state read failed: {exc}", "local") from None
+        return out
+
     def stats(self) -> dict[str, int]:
         """Entries and bytes as counted for the bounds, and the file's size on disk."""
         try:
@@ -476,4 +504,5 @@ def open_local_state(
         queues=QueueHub(LocalQueueStorage(store), max_item_bytes=max_value_bytes),
         kv=EngineKV(store, ttl=default_ttl, max_value_bytes=max_value_bytes),
         close=store.close,
+        edge=EngineEdgeStore(store),
     )

@@ -13,7 +13,16 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from ..runtime.abi import Status
-from .base import CAS_CREATE, MAX_CAS, EngineKV, EngineSharedData, QueueHub, SharedState, parse_int
+from .base import (
+    CAS_CREATE,
+    MAX_CAS,
+    EngineEdgeStore,
+    EngineKV,
+    EngineSharedData,
+    QueueHub,
+    SharedState,
+    parse_int,
+)
 
 __all__ = ["MemoryQueueStorage", "MemoryStore", "open_memory_state"]
 # Bookkeeping counted per entry on top of key and value, so a flood of empty values is bounded by bytes too.
@@ -108,6 +117,15 @@ class MemoryStore:
             live = self._live(key, now) is not None
             self._drop(key)
             return live
+
+    def scan(self, prefix: bytes, limit: int) -> list[bytes]:
+        """Live keys starting with ``prefix``, sorted, at most ``limit``: a pass over every entry (the filters'
+        namespaces are small; ``kv.list`` and new-key writes to a namespace pay it)."""
+        with self._lock:
+            now = self._clock()
+            keys = [k for k, e in self._data.items() if e[2] > now and k.startswith(prefix)]
+        keys.sort()
+        return keys[:limit]
 
     def clear(self) -> None:
         with self._lock:
@@ -212,4 +230,5 @@ def open_memory_state(
         queues=QueueHub(queues, max_item_bytes=max_value_bytes),
         kv=EngineKV(store, ttl=default_ttl, max_value_bytes=max_value_bytes),
         close=store.close,
+        edge=EngineEdgeStore(store),
     )
