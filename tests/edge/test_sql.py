@@ -98,7 +98,7 @@ def test_grants(products_db: Path, tmp_path: Path) -> None:
     code, reason = wire.error(q(wire.sql_query("nope", "SELECT 1")))
     assert code == ErrorCode.DENIED and "no database 'nope' is declared" in reason
     edge.close()
-    with pytest.raises(ConfigError, match="sql.gone.path: .* does not exist"):
+    with pytest.raises(ConfigError, match=r"sql\.gone\.path: .* does not exist"):
         EdgeData(None, {}, {"gone": SqlDatabaseConfig(name="gone", path=tmp_path / "gone.db")})
 
 

@@ -36,7 +36,7 @@ def kv_list(ns: str, prefix: bytes | str = b"", limit: int = 0) -> bytes:
 def value(v: Any) -> bytes:
     if v is None:
         return b"\x00"
-    if isinstance(v, bool) or isinstance(v, int):
+    if isinstance(v, int):
         return b"\x01" + struct.pack("<q", int(v))
     if isinstance(v, float):
         return b"\x02" + struct.pack("<d", v)
