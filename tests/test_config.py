@@ -228,7 +228,10 @@ sql = ["shop"]
             'gateway.toml: filters.f.sql[1]: unknown sql "other" (known: shop; declare [sql.other])',
         ),
         ("[kv.flags]\nmax_key_bytes = 500\n", "gateway.toml: kv.flags.max_key_bytes: 500 is out of range"),
-        ("[kv.flags]\nmax_value_bytes = 5000000\n", "gateway.toml: kv.flags.max_value_bytes: 5000000 is out of range"),
+        (
+            "[kv.flags]\nmax_value_bytes = 5000000\n",
+            "gateway.toml: kv.flags.max_value_bytes: 5000000 is out of range",
+        ),
         ("[kv.flags]\nmax_keyz = 5\n", "gateway.toml: kv.flags.max_keyz: unknown key"),
         (
             "[kv.flags]\ndefault_ttl_seconds = 100\nmax_ttl_seconds = 10\n",
