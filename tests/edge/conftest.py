@@ -94,3 +94,14 @@ def build_zig_probe(out_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def zig_probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_zig_probe(tmp_path_factory.mktemp("zig-probe"))
+
+
+@pytest.fixture(scope="session")
+def as_probe() -> Path:
+    """tests/fixtures/assemblyscript/assembly/edge.ts (on the shipped edge_data.ts helper), built with the SDK."""
+    from tests.fixtures.assemblyscript.build import DEFAULT_OUT_DIR, AssemblyScriptBuildError, build_all
+
+    try:
+        return build_all(DEFAULT_OUT_DIR)["edge"]
+    except AssemblyScriptBuildError as exc:
+        pytest.fail(f"cannot build the AssemblyScript filter fixtures: {exc}", pytrace=False)
