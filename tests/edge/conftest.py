@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.edge.probes import ZigUnavailable, build_zig_probe
 from wasm_gateway.state import SharedState, StateConfig, open_state
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -62,38 +63,12 @@ def products_db(tmp_path: Path) -> Path:
     return make_products(tmp_path / "products.db")
 
 
-ZIG_DIR = Path(__file__).parent / "zig"
-
-
-def build_zig_probe(out_dir: Path) -> Path:
-    """Compile tests/edge/zig/edge_probe.zig against the bundled binding, with the bundled filters' flags."""
-    import shutil
-    import subprocess
-    import sys
-
-    from wasm_gateway.filters.build import SOURCES_DIR, ZIG_FLAGS, ZIG_VERSION, FilterBuildError, zig_version
-
-    try:
-        version = zig_version()
-    except FilterBuildError as exc:
-        pytest.skip(f"the Zig compiler (ziglang=={ZIG_VERSION}) is not installed: {exc}")
-    if version != ZIG_VERSION:
-        pytest.skip(f"ziglang {version} is installed; the binding is built with {ZIG_VERSION}")
-    src = out_dir / "src"
-    src.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(SOURCES_DIR / "proxy_wasm.zig", src / "proxy_wasm.zig")
-    shutil.copyfile(ZIG_DIR / "edge_probe.zig", src / "edge_probe.zig")
-    out = out_dir / "edge_probe.wasm"
-    cmd = [sys.executable, "-m", "ziglang", "build-exe", "edge_probe.zig", *ZIG_FLAGS, "-O", "ReleaseSmall"]
-    cmd += [f"-femit-bin={out}", "--cache-dir", str(out_dir / "cache")]
-    result = subprocess.run(cmd, cwd=src, capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
 @pytest.fixture(scope="session")
 def zig_probe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_zig_probe(tmp_path_factory.mktemp("zig-probe"))
+    try:
+        return build_zig_probe(tmp_path_factory.mktemp("zig-probe"))
+    except ZigUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 //! A test filter: runs one edge-data call described by request headers, answers its result locally.
 //!
-//!   x-op: get | set | delete | incr | list | sql     x-ns / x-db, x-key, x-value, x-ttl, x-delta,
+//!   x-op: get | set | delete | incr | list | sql | none     x-ns / x-db, x-key, x-value, x-ttl, x-delta,
 //!   x-prefix, x-limit, x-sql, x-p1..x-p4 (parameters: "i:42", "f:1.5", "t:text", "b:bytes", "n")
 //!
 //! 200 with the value (get), "deleted"/"absent", the total (incr), keys one per line (x-truncated), or rows
@@ -70,7 +70,9 @@ pub fn onRequestHeaders(h: *Http, headers: u32, end_of_stream: bool) proxy.Actio
     const op = header("x-op");
     const ns = header("x-ns");
     const key = header("x-key");
-    if (std.mem.eql(u8, op, "get")) {
+    if (std.mem.eql(u8, op, "none")) {
+        answer(200, "", &.{}); // the same local answer without an edge call: a benchmark's baseline
+    } else if (std.mem.eql(u8, op, "get")) {
         switch (proxy.kv.get(ns, key)) {
             .ok => |v| answer(200, v, &.{}),
             .not_found => answer(404, "", &.{}),
