@@ -41,6 +41,7 @@ __all__ = [
     "EdgeDataError",
     "ErrorCode",
     "SqlValue",
+    "encode_columns",
     "encode_error",
     "encode_i64",
     "encode_kv_list",
@@ -98,21 +99,33 @@ class ArgReader:
         self._pos = 1
 
     def _take(self, n: int, what: str) -> bytes:
-        end = self._pos + n
+        pos = self._pos
+        end = pos + n
         if end > len(self._data):
             raise _bad(f"arguments end inside {what}")
-        out = self._data[self._pos : end]
         self._pos = end
-        return out
+        return self._data[pos:end]
 
     def u8(self, what: str) -> int:
-        return self._take(1, what)[0]
+        pos = self._pos
+        if pos >= len(self._data):
+            raise _bad(f"arguments end inside {what}")
+        self._pos = pos + 1
+        return self._data[pos]
 
     def u32(self, what: str) -> int:
-        return int(_U32.unpack(self._take(4, what))[0])
+        pos = self._pos
+        if pos + 4 > len(self._data):
+            raise _bad(f"arguments end inside {what}")
+        self._pos = pos + 4
+        return int(_U32.unpack_from(self._data, pos)[0])
 
     def i64(self, what: str) -> int:
-        return int(_I64.unpack(self._take(8, what))[0])
+        pos = self._pos
+        if pos + 8 > len(self._data):
+            raise _bad(f"arguments end inside {what}")
+        self._pos = pos + 8
+        return int(_I64.unpack_from(self._data, pos)[0])
 
     def bytes(self, what: str) -> bytes:
         return self._take(self.u32(what), what)
@@ -165,6 +178,11 @@ def encode_i64(value: int) -> bytes:
 
 def encode_value(value: object) -> bytes:
     """One SQL value; integers beyond i64 cannot come out of SQLite."""
+    # Exact-type checks first: SQLite hands out exactly int, str, float, bytes or None.
+    if type(value) is int:
+        return b"\x01" + _I64.pack(value)
+    if type(value) is str:
+        return b"\x03" + pack_bytes(value.encode("utf-8", "surrogatepass"))
     if value is None:
         return b"\x00"
     if isinstance(value, int):
@@ -185,10 +203,12 @@ def encode_kv_list(keys: Sequence[bytes], truncated: bool) -> bytes:
     return b"".join(parts)
 
 
-def encode_rows(columns: Sequence[str], rows: Sequence[bytes]) -> bytes:
-    """``rows`` already encoded (the caller counts their bytes against the limit as it goes)."""
-    parts = [_HEAD_OK, _U32.pack(len(columns))]
-    parts += [pack_bytes(c.encode("utf-8", "replace")) for c in columns]
-    parts.append(_U32.pack(len(rows)))
-    parts += rows
-    return b"".join(parts)
+def encode_columns(columns: Sequence[str]) -> bytes:
+    """The column part of a sql.query result (its count and names)."""
+    return _U32.pack(len(columns)) + b"".join(pack_bytes(c.encode("utf-8", "replace")) for c in columns)
+
+
+def encode_rows(columns: bytes, rows: Sequence[bytes]) -> bytes:
+    """``columns`` from `encode_columns`; ``rows`` already encoded (the caller counts their bytes against the
+    limit as it goes)."""
+    return b"".join((_HEAD_OK, columns, _U32.pack(len(rows)), *rows))

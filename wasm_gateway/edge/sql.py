@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from .codec import ArgReader, EdgeDataError, ErrorCode, SqlValue, encode_rows, encode_value
+from .codec import ArgReader, EdgeDataError, ErrorCode, SqlValue, encode_columns, encode_rows, encode_value
 from .config import SqlDatabaseConfig
 
 __all__ = ["SqlDatabase"]
@@ -47,16 +47,19 @@ class SqlDatabase:
 
     def __init__(self, config: SqlDatabaseConfig) -> None:
         self.config = config
-        self.path = config.path
+        self.path = str(config.path)  # a str: os.stat of a Path costs a conversion per query
         self._conn: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
         self._pid = 0
         self._deadline = 0.0
         self._lock = threading.Lock()
+        # SQL text -> the result's encoded column names (the same statement always has the same columns)
+        self._headers: dict[str, bytes] = {}
         self.reopened = 0  # times a replaced file was picked up (tests and logs)
 
     def _open(self, identity: tuple[int, int]) -> sqlite3.Connection:
         uri = "file:" + quote(str(Path(self.path).resolve())) + "?mode=ro"
+        self._headers.clear()
         try:
             conn = sqlite3.connect(
                 uri,
@@ -109,7 +112,12 @@ class SqlDatabase:
             self._deadline = time.monotonic() + cfg.timeout_ms / 1000
             try:
                 cursor = conn.execute(sql, params)
-                columns = [d[0] for d in cursor.description or ()]
+                header = self._headers.get(sql)
+                if header is None:
+                    header = encode_columns([d[0] for d in cursor.description or ()])
+                    if len(self._headers) >= 256:
+                        self._headers.clear()
+                    self._headers[sql] = header
                 rows: list[bytes] = []
                 size = 0
                 for row in cursor:
@@ -117,7 +125,7 @@ class SqlDatabase:
                         raise EdgeDataError(
                             ErrorCode.LIMIT, f"more than sql.{cfg.name}.max_rows ({cfg.max_rows}) rows"
                         )
-                    encoded = b"".join([encode_value(v) for v in row])
+                    encoded = b"".join(map(encode_value, row))
                     size += len(encoded)
                     if size > cfg.max_bytes:
                         raise EdgeDataError(
@@ -126,7 +134,7 @@ class SqlDatabase:
                     rows.append(encoded)
             except (sqlite3.Error, sqlite3.Warning) as exc:
                 raise _translate(exc, cfg) from None
-        return encode_rows(columns, rows)
+        return encode_rows(header, rows)
 
     def close(self) -> None:
         with self._lock:
