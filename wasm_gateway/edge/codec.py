@@ -35,6 +35,8 @@ import struct
 from collections.abc import Sequence
 from typing import Final
 
+from ..exceptions import EdgeDataError
+
 __all__ = [
     "VERSION",
     "ArgReader",
@@ -70,15 +72,6 @@ class ErrorCode(enum.IntEnum):
     UNAVAILABLE = 6  # the backend (Redis, the database file) cannot be reached
     CONFLICT = 7  # kv.incr on a value that is not an integer, or a total outside i64
     INTERNAL = 8  # a bug: the reason says what
-
-
-class EdgeDataError(Exception):
-    """Raised inside the host functions; becomes an error result, never reaches the guest as a trap."""
-
-    def __init__(self, code: ErrorCode, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 def _bad(reason: str) -> EdgeDataError:
@@ -166,7 +159,7 @@ def encode_ok(payload: bytes = b"") -> bytes:
     return _HEAD_OK + payload
 
 
-def encode_error(code: ErrorCode, reason: str) -> bytes:
+def encode_error(code: int, reason: str) -> bytes:
     return bytes((VERSION, code)) + pack_bytes(reason.encode("utf-8", "replace"))
 
 
