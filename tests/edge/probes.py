@@ -17,13 +17,18 @@ class ZigUnavailable(RuntimeError):
     """The pinned Zig compiler is not installed."""
 
 
-def build_zig_probe(out_dir: Path) -> Path:
+def require_zig() -> None:
+    """ZigUnavailable unless the pinned compiler is installed."""
     try:
         version = zig_version()
     except FilterBuildError as exc:
         raise ZigUnavailable(f"the Zig compiler (ziglang=={ZIG_VERSION}) is not installed: {exc}") from None
     if version != ZIG_VERSION:
         raise ZigUnavailable(f"ziglang {version} is installed; the binding is built with {ZIG_VERSION}")
+
+
+def build_zig_probe(out_dir: Path) -> Path:
+    require_zig()
     src = out_dir / "src"
     src.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(SOURCES_DIR / "proxy_wasm.zig", src / "proxy_wasm.zig")
