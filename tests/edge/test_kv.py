@@ -152,3 +152,12 @@ def test_redis_down_answers_unavailable(backend: str) -> None:
         assert code == ErrorCode.UNAVAILABLE
     finally:
         state.close()
+
+
+def test_incr_beyond_64_bits_is_a_conflict_not_a_backend_failure(state: SharedState) -> None:
+    fn = functions(state)
+    assert wire.incr_total(fn["kv.incr"](wire.kv_incr("profiles", "big", 2**63 - 1))) == 2**63 - 1
+    code, reason = wire.error(fn["kv.incr"](wire.kv_incr("profiles", "big", 1)))
+    assert code == ErrorCode.CONFLICT and "64-bit" in reason, reason
+    assert state.healthy  # Redis is not marked down by a filter's arithmetic
+    assert wire.result(fn["kv.set"](wire.kv_set("profiles", "other", "v"))).ok

@@ -138,12 +138,15 @@ if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) en
 return 1
 """
 
-# As above with ARGV: delta, ttl ms (new keys), max keys, key. -> {1, total}, {0} full, {-1} not an integer.
+# As above with ARGV: delta, ttl ms (new keys), max keys, key. -> {1, total}, {0} full, {-1} not an integer,
+# {-2} the total would leave i64 (an error answered to the filter, not a Redis failure).
 _EDGE_INCR_LUA = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
   if string.find(cur, '^%-?%d+$') == nil then return {-1} end
-  return {1, tostring(redis.call('INCRBY', KEYS[1], ARGV[1]))}
+  local total = redis.pcall('INCRBY', KEYS[1], ARGV[1])
+  if type(total) == 'table' then return {-2} end
+  return {1, tostring(total)}
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -556,6 +559,8 @@ class RedisEdgeStore:
         result = self._call("kv incr", lambda: self._b.edge_incr_script(keys=keys, args=args))
         if result[0] == -1:
             raise ValueError("the stored value is not an integer")
+        if result[0] == -2:
+            raise ValueError("the total would not fit in a signed 64-bit integer")
         return None if result[0] == 0 else int(result[1])
 
     def scan(self, ns: bytes, prefix: bytes, limit: int) -> list[bytes]:
