@@ -109,6 +109,9 @@ def test_limits_and_time_limit(products_db: Path) -> None:
     assert code == ErrorCode.LIMIT and "more than sql.shop.max_rows (10) rows" in reason
     code, reason = wire.error(q(wire.sql_query("shop", "SELECT ?", "x" * 300)))
     assert code == ErrorCode.LIMIT and "max_bytes (200)" in reason
+    for sql in ("SELECT zeroblob(1000000000)", "SELECT randomblob(1000000000)"):
+        code, reason = wire.error(q(wire.sql_query("shop", sql)))  # refused before a gigabyte is allocated
+        assert code == ErrorCode.LIMIT and "too big" in reason, reason
     endless = "WITH RECURSIVE t(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM t) SELECT count(*) FROM t"
     code, reason = wire.error(q(wire.sql_query("shop", endless)))
     assert code == ErrorCode.TIMEOUT and "timeout_ms (30)" in reason

@@ -73,6 +73,10 @@ class SqlDatabase:
             raise EdgeDataError(
                 ErrorCode.UNAVAILABLE, f"database {self.config.name!r} ({self.path}) cannot be opened: {exc}"
             ) from None
+        # No string or blob (a stored one, or zeroblob(1e9) / printf padding made by the query) larger than a
+        # whole result may be: SQLite refuses it before allocating it.
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max(self.config.max_bytes, 1024))
+        conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, 100_000)
         conn.set_authorizer(_authorize)
         conn.set_progress_handler(self._progress, _PROGRESS_STEPS)
         self._conn, self._identity, self._pid = conn, identity, os.getpid()
@@ -147,6 +151,10 @@ def _translate(exc: Exception, cfg: SqlDatabaseConfig) -> EdgeDataError:
     message = str(exc)
     if "not authorized" in message or "authorization denied" in message or "readonly" in message:
         return EdgeDataError(ErrorCode.DENIED, f"only statements that read are allowed ({message})")
+    if "too big" in message:
+        return EdgeDataError(
+            ErrorCode.LIMIT, f"a value exceeds sql.{cfg.name}.max_bytes ({cfg.max_bytes}): {message}"
+        )
     if "interrupted" in message:
         return EdgeDataError(
             ErrorCode.TIMEOUT, f"query ran past sql.{cfg.name}.timeout_ms ({cfg.timeout_ms})"
