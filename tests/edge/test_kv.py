@@ -4,6 +4,7 @@ between filters and namespaces, limits, and error results."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +162,26 @@ def test_incr_beyond_64_bits_is_a_conflict_not_a_backend_failure(state: SharedSt
     assert code == ErrorCode.CONFLICT and "64-bit" in reason, reason
     assert state.healthy  # Redis is not marked down by a filter's arithmetic
     assert wire.result(fn["kv.set"](wire.kv_set("profiles", "other", "v"))).ok
+
+
+def test_filter_harness_serves_edge_data(zig_probe: Path) -> None:
+    from wasm_gateway.runtime.services import SharedServices
+    from wasm_gateway.state import StateConfig, open_state
+    from wasm_gateway.testing import FilterHarness
+
+    state = open_state(StateConfig(backend="memory"))
+    edge = EdgeData(state.edge, NAMESPACES, {})
+    try:
+        with FilterHarness.from_file(zig_probe, kv=("flags",), shared=SharedServices(edge=edge)) as h:
+            stored = h.request(
+                path="/", headers=[("x-op", "set"), ("x-ns", "flags"), ("x-key", "k"), ("x-value", "v")]
+            )
+            assert (stored.response_status, stored.response_body) == (200, b"stored")
+            got = h.request(path="/", headers=[("x-op", "get"), ("x-ns", "flags"), ("x-key", "k")])
+            assert (got.response_status, got.response_body) == (200, b"v")
+        assert (
+            edge.functions("other", kv=("flags",))["kv.get"](wire.kv_get("flags", "k"))
+            == b"\x01\x00\x01\x00\x00\x00v"
+        )
+    finally:
+        state.close()
