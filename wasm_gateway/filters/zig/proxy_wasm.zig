@@ -843,7 +843,6 @@ pub const SqlValue = union(enum) {
 
 /// The read-only SQLite databases granted to this filter (`sql = [...]` in its config).
 pub const sql = struct {
-
     pub const Rows = struct {
         columns: []const []const u8,
         /// Row-major: row i is values[i * columns.len ..][0..columns.len].
