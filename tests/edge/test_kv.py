@@ -185,3 +185,29 @@ def test_filter_harness_serves_edge_data(zig_probe: Path) -> None:
         )
     finally:
         state.close()
+
+
+def _fill(directory: str, worker: int) -> int:
+    """In a separate process: try to create 20 keys in a namespace bounded to 10; how many were accepted."""
+    from wasm_gateway.state import StateConfig, open_state
+
+    state = open_state(StateConfig(backend="local", path=Path(directory)))
+    try:
+        fn = EdgeData(state.edge, {"tight": KVNamespaceConfig(name="tight", max_keys=10)}, {}).functions(
+            "f", kv=("tight",)
+        )
+        return sum(
+            wire.result(fn["kv.set"](wire.kv_set("tight", f"w{worker}-{i}", "v"))).ok for i in range(20)
+        )
+    finally:
+        state.close()
+
+
+def test_namespace_bound_is_exact_across_processes(tmp_path: Path) -> None:
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(4, mp_context=context) as pool:
+        accepted = list(pool.map(_fill, [str(tmp_path / "state")] * 4, range(4)))
+    assert sum(accepted) == 10, accepted

@@ -232,14 +232,25 @@ class EdgeStore(Protocol):
 
 
 class ScanningEngine(Engine, Protocol):
+    """An `Engine` that also lists keys by prefix and bounds how many keys a prefix holds."""
+
     def scan(self, prefix: bytes, limit: int) -> list[bytes]:
         """Up to ``limit`` live keys starting with ``prefix``, in byte order."""
         ...
 
+    def put_bounded(self, key: bytes, value: bytes, ttl: float, prefix: bytes, max_keys: int) -> bool:
+        """Write (cas 0) unless ``key`` is new and ``max_keys`` live keys start with ``prefix``; atomically."""
+        ...
+
+    def incr_bounded(self, key: bytes, delta: int, ttl: float, prefix: bytes, max_keys: int) -> int | None:
+        """`Engine.incr`, or None when ``key`` is new and ``prefix`` is full; atomically."""
+        ...
+
 
 class EngineEdgeStore:
-    """`EdgeStore` over an `Engine` (memory, local). The namespace bound is checked before a new key is
-    written, not in the same transaction: concurrent creators can overshoot it by their number."""
+    """`EdgeStore` over an engine (memory, local). The namespace bound is checked and the key written in one
+    step (under the store's lock, in one LMDB transaction): exact across threads and processes. Checking
+    counts the namespace's live keys, once per write of a new key."""
 
     def __init__(self, engine: ScanningEngine) -> None:
         self._engine = engine
@@ -249,29 +260,20 @@ class EngineEdgeStore:
     def _key(ns: bytes, key: bytes) -> bytes:
         return EDGE_NAMESPACE + ns + b"\0" + key
 
-    def _full(self, ns: bytes, key: bytes, max_keys: int) -> bool:
-        engine = self._engine
-        if engine.get(self._key(ns, key)) is not None:
-            return False
-        return len(engine.scan(EDGE_NAMESPACE + ns + b"\0", max_keys)) >= max_keys
-
     def get(self, ns: bytes, key: bytes) -> bytes | None:
         entry = self._engine.get(self._key(ns, key))
         return None if entry is None else entry[0]
 
     def put(self, ns: bytes, key: bytes, value: bytes, ttl: float, max_keys: int) -> bool:
-        if self._full(ns, key, max_keys):
-            return False
-        self._engine.put(self._key(ns, key), value, 0, ttl)
-        return True
+        head = EDGE_NAMESPACE + ns + b"\0"
+        return self._engine.put_bounded(head + key, value, ttl, head, max_keys)
 
     def delete(self, ns: bytes, key: bytes) -> bool:
         return self._engine.delete(self._key(ns, key))
 
     def incr(self, ns: bytes, key: bytes, delta: int, ttl: float, max_keys: int) -> int | None:
-        if self._full(ns, key, max_keys):
-            return None
-        return self._engine.incr(self._key(ns, key), delta, ttl)
+        head = EDGE_NAMESPACE + ns + b"\0"
+        return self._engine.incr_bounded(head + key, delta, ttl, head, max_keys)
 
     def scan(self, ns: bytes, prefix: bytes, limit: int) -> list[bytes]:
         head = EDGE_NAMESPACE + ns + b"\0"
