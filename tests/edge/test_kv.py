@@ -211,3 +211,14 @@ def test_namespace_bound_is_exact_across_processes(tmp_path: Path) -> None:
     with concurrent.futures.ProcessPoolExecutor(4, mp_context=context) as pool:
         accepted = list(pool.map(_fill, [str(tmp_path / "state")] * 4, range(4)))
     assert sum(accepted) == 10, accepted
+
+
+def test_a_host_without_edge_data_is_an_error_result_in_the_filter(zig_probe: Path) -> None:
+    from wasm_gateway.testing import FilterHarness
+
+    # No edge data at all: kv.get is an unknown foreign function (NOT_FOUND), which the binding reports.
+    with FilterHarness.from_file(zig_probe) as h:
+        r = h.request(path="/", headers=[("x-op", "get"), ("x-ns", "flags"), ("x-key", "k")])
+    assert r.response_status == 500
+    assert ("x-edge-code", "8") in r.response_headers
+    assert b"no edge-data functions" in r.response_body

@@ -145,3 +145,15 @@ def test_a_wal_database_is_read_while_written(tmp_path: Path) -> None:
     writer.execute("INSERT INTO t VALUES (2)")
     assert wire.rows(q(wire.sql_query("shop", "SELECT count(*) FROM t")))[1] == [(2,)]
     writer.close()
+
+
+def test_check_names_a_missing_database(products_db: Path, tmp_path: Path) -> None:
+    from wasm_gateway.config import parse_config
+    from wasm_gateway.filtering import check_filters
+
+    text = f'[sql.shop]\npath = "{products_db}"\n[sql.gone]\npath = "gone.db"\n'
+    config = parse_config(text, source="gateway.toml", base_dir=tmp_path, env={})
+    assert check_filters(config) == [
+        f"gateway.toml: sql.gone.path: {tmp_path / 'gone.db'} does not exist (a database is opened read-only: "
+        "create it first)"
+    ]
