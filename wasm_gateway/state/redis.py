@@ -159,6 +159,13 @@ if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) en
 return {1, ARGV[1]}
 """
 
+# KEYS[1] a namespace's index -> its live keys (expiry after Redis's own clock, so nodes' clocks do not matter).
+_EDGE_LIST_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
+"""
+
 Kind = Literal["timeout", "connection", "error"]
 
 
@@ -305,6 +312,7 @@ class RedisBackend:
         self.push_script = self.client.register_script(_PUSH_LUA)
         self.edge_set_script = self.client.register_script(_EDGE_SET_LUA)
         self.edge_incr_script = self.client.register_script(_EDGE_INCR_LUA)
+        self.edge_list_script = self.client.register_script(_EDGE_LIST_LUA)
         self._async: tuple[asyncio.AbstractEventLoop, redis.asyncio.Redis] | None = None
 
     def _client_options(self, retry: object) -> dict[str, Any]:
@@ -565,10 +573,7 @@ class RedisEdgeStore:
 
     def scan(self, ns: bytes, prefix: bytes, limit: int) -> list[bytes]:
         index = self._keys(ns, b"")[1]
-        now_ms = int(time.time() * 1000)
-        members: list[bytes] = self._call(
-            "kv list", lambda: self._client.zrangebyscore(index, now_ms + 1, "+inf")
-        )
+        members: list[bytes] = self._call("kv list", lambda: self._b.edge_list_script(keys=[index]))
         return sorted(m for m in members if m.startswith(prefix))[:limit]
 
 
