@@ -190,3 +190,57 @@ def test_reload_and_drain_keys(tmp_path: Path) -> None:
     assert errors_of("[server]\nwatch_config = 1\n") == [
         "gateway.toml: server.watch_config: expected true or false, got 1"
     ]
+
+
+def test_edge_data_sections_and_grants(tmp_path: Path) -> None:
+    text = (
+        BASE
+        + """
+[kv.flags]
+max_keys = 10
+default_ttl_seconds = 60
+[kv.sessions]
+[sql.shop]
+path = "data/shop.db"
+timeout_ms = 20
+[filters.f]
+module = "builtin:transform"
+kv = ["flags"]
+sql = ["shop"]
+"""
+    )
+    config = parse_config(text, source="gateway.toml", base_dir=tmp_path, env={})
+    assert config.kv["flags"].max_keys == 10 and config.kv["flags"].default_ttl_seconds == 60
+    assert config.kv["sessions"].max_value_bytes == 64 * 1024
+    assert config.sql["shop"].path == tmp_path / "data/shop.db" and config.sql["shop"].timeout_ms == 20
+    assert config.filters["f"].kv == ("flags",) and config.filters["f"].sql == ("shop",)
+
+
+@pytest.mark.parametrize(
+    ("snippet", "expected"),
+    [
+        (
+            '[filters.f]\nmodule = "builtin:transform"\nkv = ["nope"]\n',
+            'gateway.toml: filters.f.kv[0]: unknown kv "nope" (known: none declared; declare [kv.nope])',
+        ),
+        (
+            '[sql.shop]\npath = "x.db"\n[filters.f]\nmodule = "builtin:transform"\nsql = ["shop", "other"]\n',
+            'gateway.toml: filters.f.sql[1]: unknown sql "other" (known: shop; declare [sql.other])',
+        ),
+        ("[kv.flags]\nmax_key_bytes = 500\n", "gateway.toml: kv.flags.max_key_bytes: 500 is out of range"),
+        (
+            "[kv.flags]\nmax_value_bytes = 5000000\n",
+            "gateway.toml: kv.flags.max_value_bytes: 5000000 is out of range",
+        ),
+        ("[kv.flags]\nmax_keyz = 5\n", "gateway.toml: kv.flags.max_keyz: unknown key"),
+        (
+            "[kv.flags]\ndefault_ttl_seconds = 100\nmax_ttl_seconds = 10\n",
+            "gateway.toml: kv.flags.default_ttl_seconds: must be at most max_ttl_seconds (10)",
+        ),
+        ("[sql.shop]\ntimeout_ms = 5\n", 'gateway.toml: sql.shop: missing "path"'),
+        ('[sql."a:b"]\npath = "x.db"\n', "gateway.toml: sql.a:b: name 'a:b' must be"),
+    ],
+)
+def test_edge_data_errors(snippet: str, expected: str) -> None:
+    errors = errors_of(BASE + snippet)
+    assert any(e.startswith(expected) for e in errors), errors

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from .edge.config import MAX_KEY_BYTES_LIMIT, KVNamespaceConfig, SqlDatabaseConfig
 from .exceptions import ConfigError
 from .geo import BUILTIN_COUNTRY, GeoConfig
 from .state.config import StateConfig
@@ -130,6 +131,9 @@ class FilterConfig:
     max_body_bytes: int = 1024 * 1024
     sources: tuple[Path, ...] = ()
     """Files the configuration was read from (the JS filter's script): watched and digested like the module."""
+
+    kv: tuple[str, ...] = ()  # KV namespaces ([kv.<name>]) the filter may use
+    sql: tuple[str, ...] = ()  # SQLite databases ([sql.<name>]) the filter may query
 
 
 @dataclass(frozen=True)
@@ -247,6 +251,10 @@ class GatewayConfig:
     """Where filters' shared data and queues live (embedded LMDB by default; Redis across nodes)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     """The response cache's store (used only when a route enables caching)."""
+    kv: Mapping[str, KVNamespaceConfig] = field(default_factory=dict)
+    """Edge-data KV namespaces (on the state backend), granted per filter (docs/edge-data.md)."""
+    sql: Mapping[str, SqlDatabaseConfig] = field(default_factory=dict)
+    """Edge-data read-only SQLite databases, granted per filter."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -455,22 +463,26 @@ class _Validator:
                 "state",
                 "geo",
                 "cache",
+                "kv",
+                "sql",
             },
         )
         server = self.server(raw.get("server", {}))
         upstreams = self.upstreams(raw.get("upstreams", {}))
-        filters = self.filters(raw.get("filters", {}))
-        # Names of tables that are declared but invalid: their own errors are reported, references are not.
+        state = self.state(raw.get("state", {}))
+        kv = self.kv_namespaces(raw.get("kv", {}), state)
+        sql = self.sql_databases(raw.get("sql", {}))
+        # Names of declared tables, valid or not: a table's own errors are reported, references to it are not.
         self.declared = {
             section: set(raw[section]) if isinstance(raw.get(section), dict) else set()
-            for section in ("upstreams", "filters")
+            for section in ("upstreams", "filters", "kv", "sql")
         }
+        filters = self.filters(raw.get("filters", {}))
         routes = self.routes(raw.get("routes", []), upstreams, filters)
         trusted = self.trusted_proxies(raw.get("trusted_proxies", []))
         metrics = self.metrics(raw.get("metrics", {}))
         log = self.log(raw.get("log", {}))
         cache_dir = self.get(raw, "", "cache_dir", lambda k, v: self.base_dir / self.string(k, v), None)
-        state = self.state(raw.get("state", {}))
         geo = self.geo(raw.get("geo", {}))
         cache = self.cache(raw.get("cache", {}))
         reserved = {server.health_path, server.ready_path}
@@ -496,6 +508,8 @@ class _Validator:
             state=state,
             geo=geo,
             cache=cache,
+            kv=kv,
+            sql=sql,
         )
 
     def server(self, raw: object) -> ServerConfig:
@@ -708,6 +722,8 @@ class _Validator:
                     "allowed_dirs",
                     "log_level",
                     "max_body_bytes",
+                    "kv",
+                    "sql",
                 },
             )
             if "module" not in t:
@@ -753,6 +769,82 @@ class _Validator:
                 ),
                 max_body_bytes=self.get(t, key, "max_body_bytes", self.int_range(0), d.max_body_bytes),
                 sources=sources,
+                kv=self.grants(key, "kv", t),
+                sql=self.grants(key, "sql", t),
+            )
+        return out
+
+    def grants(self, key: str, section: str, t: Mapping[str, object]) -> tuple[str, ...]:
+        names = self.get(t, key, section, self.string_list, _NO_STRINGS)
+        declared = self.declared.get(section, set())
+        for i, name in enumerate(names):
+            if name not in declared:
+                known = ", ".join(sorted(declared)) or "none declared"
+                self.error(
+                    f"{key}.{section}[{i}]",
+                    f"unknown {section} {_show(name)} (known: {known}; declare [{section}.{name}])",
+                )
+        return tuple(dict.fromkeys(names))
+
+    def kv_namespaces(self, raw: object, state: StateConfig) -> dict[str, KVNamespaceConfig]:
+        out: dict[str, KVNamespaceConfig] = {}
+        for name, key, t in self.named_tables("kv", raw):
+            d = KVNamespaceConfig(name=name)
+            self.unknown_keys(
+                key,
+                t,
+                {
+                    "max_keys",
+                    "max_key_bytes",
+                    "max_value_bytes",
+                    "default_ttl_seconds",
+                    "max_ttl_seconds",
+                    "max_list",
+                },
+            )
+            ns = KVNamespaceConfig(
+                name=name,
+                max_keys=self.get(t, key, "max_keys", self.int_range(1, 10_000_000), d.max_keys),
+                max_key_bytes=self.get(
+                    t, key, "max_key_bytes", self.int_range(1, MAX_KEY_BYTES_LIMIT), d.max_key_bytes
+                ),
+                max_value_bytes=self.get(
+                    t, key, "max_value_bytes", self.int_range(1, state.max_value_bytes), d.max_value_bytes
+                ),
+                default_ttl_seconds=self.get(
+                    t, key, "default_ttl_seconds", self.seconds, d.default_ttl_seconds
+                ),
+                max_ttl_seconds=self.get(t, key, "max_ttl_seconds", self.seconds, d.max_ttl_seconds),
+                max_list=self.get(t, key, "max_list", self.int_range(1, 10_000), d.max_list),
+            )
+            if ns.default_ttl_seconds > ns.max_ttl_seconds:
+                self.error(
+                    f"{key}.default_ttl_seconds", f"must be at most max_ttl_seconds ({ns.max_ttl_seconds:g})"
+                )
+            out[name] = ns
+        return out
+
+    def sql_databases(self, raw: object) -> dict[str, SqlDatabaseConfig]:
+        out: dict[str, SqlDatabaseConfig] = {}
+        for name, key, t in self.named_tables("sql", raw):
+            self.unknown_keys(key, t, {"path", "max_rows", "max_bytes", "timeout_ms", "statement_cache"})
+            if "path" not in t:
+                self.error(key, 'missing "path" (the SQLite file, opened read-only)')
+                continue
+            try:
+                path = self.base_dir / self.string(f"{key}.path", t["path"])
+            except _Invalid:
+                continue
+            d = SqlDatabaseConfig(name=name, path=path)
+            out[name] = SqlDatabaseConfig(
+                name=name,
+                path=path,
+                max_rows=self.get(t, key, "max_rows", self.int_range(1, 1_000_000), d.max_rows),
+                max_bytes=self.get(t, key, "max_bytes", self.int_range(64, 64 * 1024 * 1024), d.max_bytes),
+                timeout_ms=self.get(t, key, "timeout_ms", self.int_range(1, 60_000), d.timeout_ms),
+                statement_cache=self.get(
+                    t, key, "statement_cache", self.int_range(0, 10_000), d.statement_cache
+                ),
             )
         return out
 

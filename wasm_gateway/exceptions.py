@@ -5,6 +5,7 @@ are translated into these at the boundary where they happen, so callers catch on
 
     GatewayError
     ├── ConfigError                 bad configuration: file, key path, value and what is expected
+    ├── EdgeDataError               a kv.* / sql.query call failed; becomes the error result the filter reads
     ├── FilterError                 anything about a Wasm filter
     │   ├── FilterLoadError         module cannot be compiled, linked, started or configured
     │   ├── FilterTrapError         the guest trapped (incl. proc_exit with a non-zero code)
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "EdgeDataError",
     "FilterError",
     "FilterLoadError",
     "FilterPoolTimeout",
@@ -58,6 +60,16 @@ class ConfigError(GatewayError):
     def __init__(self, message: str, errors: list[str] | None = None) -> None:
         super().__init__(message)
         self.errors = errors if errors is not None else [message]
+
+
+class EdgeDataError(GatewayError):
+    """An edge-data call (wasm_gateway.edge) failed. Never reaches a caller: the host function answers it as
+    an error result with ``code`` (an ``edge.ErrorCode``) and ``reason``, which the filter reads."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
 
 
 class FilterError(GatewayError):

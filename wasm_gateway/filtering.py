@@ -55,12 +55,19 @@ def _spec(f: FilterConfig, upstreams: frozenset[str]) -> FilterSpec:
         allowed_dirs=tuple(str(d) for d in f.allowed_dirs),
         log_level=f.log_level,
         upstreams=upstreams,
+        kv=f.kv,
+        sql=f.sql,
     )
 
 
 def check_filters(config: GatewayConfig) -> list[str]:
-    """Load every filter once (compile, link, start, configure); the error messages, if any."""
-    problems = []
+    """Load every filter once (compile, link, start, configure); the error messages, if any. Also: every
+    declared edge-data database exists (it is opened read-only, so it must be there before the gateway)."""
+    problems = [
+        f"{config.source}: sql.{name}.path: {db.path} does not exist (a database is opened read-only: create it first)"
+        for name, db in config.sql.items()
+        if not db.path.is_file()
+    ]
     for spec in filter_specs(config):
         try:
             # The filter's own log lines are part of the error message: not printed a second time.

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import GatewayConfig, RouteConfig, UpstreamConfig
+from .edge.functions import edge_data
 from .exceptions import ConfigError
 from .filtering import RuntimeMetrics, filter_specs, module_exports, perform_http_call
 from .forwarding import ForwardingPolicy
@@ -157,7 +158,9 @@ async def build_generation(
                 cache_dir=config.cache_dir,
                 http_call=functools.partial(perform_http_call, pools),
                 observer=observer,
-                shared=SharedServices(shared_data=store.shared_data, queues=store.queues),
+                shared=SharedServices(
+                    shared_data=store.shared_data, queues=store.queues, edge=edge_data(config, store)
+                ),
                 max_buffer_bytes=max(f.max_body_bytes for f in config.filters.values()),
                 # A Prometheus observe costs ~2 us, a filter callback a few: time one request in eight.
                 callback_timing_every=8,

@@ -40,6 +40,7 @@ from typing import Any
 from .exceptions import FilterError
 from .runtime.chain import DecisionKind, FilterRuntime, FilterSpec
 from .runtime.context import HttpCallRequest, HttpCallResponse, RequestInfo
+from .runtime.services import SharedServices
 
 __all__ = ["FilterHarness", "HarnessResult", "HttpCallHandler"]
 
@@ -85,8 +86,11 @@ class FilterHarness:
         *,
         http_calls: Mapping[str, HttpCallHandler] | None = None,
         cache_dir: str | Path | None = None,
+        shared: SharedServices | None = None,
         _tmpdir: str | None = None,
     ) -> None:
+        """``shared``: the stores the filter sees (shared data, queues, edge data); a fresh in-memory set
+        when None."""
         self._handlers: dict[str, HttpCallHandler] = dict(http_calls or {})
         self._tmpdir = _tmpdir
         self._logs: list[tuple[int, str]] = []
@@ -94,7 +98,7 @@ class FilterHarness:
         self._lock = threading.Lock()
         self.spec = spec
         self.runtime = FilterRuntime.load(
-            [spec], cache_dir=cache_dir, http_call=self._http_call, log_sink=self._log_sink
+            [spec], cache_dir=cache_dir, http_call=self._http_call, log_sink=self._log_sink, shared=shared
         )
         self._chain = self.runtime.chain([spec.name])
 
@@ -109,9 +113,11 @@ class FilterHarness:
         http_calls: Mapping[str, HttpCallHandler] | None = None,
         name: str | None = None,
         cache_dir: str | Path | None = None,
+        shared: SharedServices | None = None,
         **options: Any,
     ) -> FilterHarness:
-        """Load ``path``. ``options`` are further `FilterSpec` fields (failure_policy, log_level, env, ...)."""
+        """Load ``path``. ``options`` are further `FilterSpec` fields (failure_policy, log_level, env, kv,
+        sql, ...)."""
         options.setdefault("log_level", "trace")
         options.setdefault("pool_min", 1)
         options.setdefault("pool_max", 4)
@@ -125,7 +131,7 @@ class FilterHarness:
             else vm_configuration,
             **options,
         )
-        return cls(spec, http_calls=http_calls, cache_dir=cache_dir)
+        return cls(spec, http_calls=http_calls, cache_dir=cache_dir, shared=shared)
 
     @classmethod
     def from_bytes(

@@ -96,6 +96,7 @@ EXERCISED_IMPORTS = {
         "proxy_get_buffer_bytes",
     },
     "counter": {"proxy_get_shared_data", "proxy_set_shared_data"},
+    "edge": {"proxy_call_foreign_function", "proxy_send_local_response", "proxy_get_header_map_value"},
 }
 
 

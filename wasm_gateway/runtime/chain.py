@@ -122,6 +122,8 @@ class FilterSpec:
     allowed_dirs: Sequence[str] = ()
     log_level: str = "info"
     upstreams: frozenset[str] | None = None  # names http_call may target; None = any (http_call decides)
+    kv: Sequence[str] = ()  # edge-data KV namespaces granted (SharedServices.edge serves them)
+    sql: Sequence[str] = ()  # edge-data SQLite databases granted
     done_timeout: float = (
         5.0  # how long a stream whose proxy_on_done answered false may wait for proxy_done()
     )
@@ -905,6 +907,9 @@ class FilterRuntime:
             upstreams=spec.upstreams,
             on_queue_ready=functools.partial(self._queue_ready, spec.name),
         )
+        if self.shared.edge is not None:
+            edge = self.shared.edge.functions(spec.name, tuple(spec.kv), tuple(spec.sql))
+            services.foreign_functions = {**services.foreign_functions, **edge}
         limits = InstanceLimits(spec.memory_limit_bytes, spec.callback_timeout_ms, spec.fuel)
         module = FilterModule(
             cached, services, limits, get_engine(settings), settings=settings, cache_dir=cache_dir
@@ -1120,3 +1125,5 @@ class FilterRuntime:
         for module in self.modules.values():
             module.close()
         self._chains.clear()
+        if self.shared.edge is not None:
+            self.shared.edge.close()

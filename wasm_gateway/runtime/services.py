@@ -8,7 +8,7 @@ import logging
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .abi import AbiVersion, LogLevel
 from .shared import LocalSharedData, LocalSharedQueues, MetricsRegistry, SharedDataStore, SharedQueueStore
@@ -16,7 +16,7 @@ from .shared import LocalSharedData, LocalSharedQueues, MetricsRegistry, SharedD
 if TYPE_CHECKING:
     from .wasi import Preopen
 
-__all__ = ["FOREIGN_FUNCTIONS", "FilterServices", "ForeignFunction", "SharedServices"]
+__all__ = ["FOREIGN_FUNCTIONS", "EdgeFunctions", "FilterServices", "ForeignFunction", "SharedServices"]
 
 # A foreign function maps argument bytes to result bytes; raising ValueError answers BAD_ARGUMENT.
 ForeignFunction = Callable[[bytes], bytes]
@@ -72,6 +72,16 @@ FOREIGN_FUNCTIONS: Mapping[str, ForeignFunction] = {
 }
 
 
+class EdgeFunctions(Protocol):
+    """Where a filter's edge-data foreign functions come from (wasm_gateway.edge.EdgeData)."""
+
+    def functions(
+        self, filter_name: str, kv: Sequence[str] = (), sql: Sequence[str] = ()
+    ) -> Mapping[str, ForeignFunction]: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class SharedServices:
     """Process-wide stores shared by every filter (shared data and queues are keyed by vm_id like Envoy)."""
@@ -79,6 +89,7 @@ class SharedServices:
     shared_data: SharedDataStore = field(default_factory=LocalSharedData)
     queues: SharedQueueStore = field(default_factory=LocalSharedQueues)
     metrics: MetricsRegistry = field(default_factory=MetricsRegistry)
+    edge: EdgeFunctions | None = None  # kv.* / sql.query, bound per filter to its grants
 
 
 LogSink = Callable[[str, int, str], None]  # (filter name, proxy-wasm level, message)

@@ -5,7 +5,9 @@ A backend offers three views of one store:
 * ``shared_data``: the runtime's synchronous `SharedDataStore` (``proxy_get/set_shared_data``), with a TTL on
   every entry and compare-and-swap values that are non-zero and change on every write;
 * ``queues``: the runtime's synchronous `SharedQueueStore` (``proxy_*_shared_queue``);
-* ``kv``: a small asynchronous key/value interface (`AsyncKV`) for the gateway's own use (the response cache).
+* ``kv``: a small asynchronous key/value interface (`AsyncKV`) for the gateway's own use (the response cache);
+* ``edge``: the synchronous, namespaced `EdgeStore` behind the filters' ``kv.*`` foreign functions
+  (wasm_gateway/edge/).
 
 Shared data and the KV live in separate namespaces of the same store. The memory and local backends are
 built from one synchronous `Engine`; Redis implements the views itself (see ``redis.py``).
@@ -27,11 +29,14 @@ from ..runtime.shared import SharedDataStore, SharedQueueStore
 
 __all__ = [
     "CAS_CREATE",
+    "EDGE_NAMESPACE",
     "KV_NAMESPACE",
     "MAX_CAS",
     "SHARED_NAMESPACE",
     "AsyncKV",
+    "EdgeStore",
     "Engine",
+    "EngineEdgeStore",
     "EngineKV",
     "EngineSharedData",
     "ErrorHook",
@@ -47,6 +52,7 @@ __all__ = [
 # The first byte of an engine key says whose it is: proxy_*_shared_data or the gateway's async KV.
 SHARED_NAMESPACE = b"s"
 KV_NAMESPACE = b"k"
+EDGE_NAMESPACE = b"e"  # the filters' KV namespaces: b"e" + namespace + b"\0" + key
 
 # A write with this cas succeeds only if the key is absent (or expired): an atomic create, which the ABI lacks
 # (cas 0 writes unconditionally, so two processes that both read "absent" would both write). No backend ever
@@ -199,6 +205,81 @@ class EngineKV:
         return self._engine.incr(KV_NAMESPACE + key, delta, self._ttl if ttl is None else ttl)
 
 
+class EdgeStore(Protocol):
+    """The filters' namespaced KV (``kv.*`` foreign functions): synchronous, since host calls are.
+
+    Namespace names never contain NUL or ``:`` (the config checks). Failures raise `StateError`
+    (`StateUnavailableError` when a remote backend is down); ValueError when ``incr`` meets a non-integer.
+    """
+
+    backend: str
+
+    def get(self, ns: bytes, key: bytes) -> bytes | None: ...
+
+    def put(self, ns: bytes, key: bytes, value: bytes, ttl: float, max_keys: int) -> bool:
+        """Store; False (nothing written) when the key is new and ``ns`` already holds ``max_keys`` keys."""
+        ...
+
+    def delete(self, ns: bytes, key: bytes) -> bool: ...
+
+    def incr(self, ns: bytes, key: bytes, delta: int, ttl: float, max_keys: int) -> int | None:
+        """The new total (``ttl`` applies to a new key); None when the key is new and ``ns`` is full."""
+        ...
+
+    def scan(self, ns: bytes, prefix: bytes, limit: int) -> list[bytes]:
+        """Up to ``limit`` live keys of ``ns`` starting with ``prefix``, in byte order."""
+        ...
+
+
+class ScanningEngine(Engine, Protocol):
+    """An `Engine` that also lists keys by prefix and bounds how many keys a prefix holds."""
+
+    def scan(self, prefix: bytes, limit: int) -> list[bytes]:
+        """Up to ``limit`` live keys starting with ``prefix``, in byte order."""
+        ...
+
+    def put_bounded(self, key: bytes, value: bytes, ttl: float, prefix: bytes, max_keys: int) -> bool:
+        """Write (cas 0) unless ``key`` is new and ``max_keys`` live keys start with ``prefix``; atomically."""
+        ...
+
+    def incr_bounded(self, key: bytes, delta: int, ttl: float, prefix: bytes, max_keys: int) -> int | None:
+        """`Engine.incr`, or None when ``key`` is new and ``prefix`` is full; atomically."""
+        ...
+
+
+class EngineEdgeStore:
+    """`EdgeStore` over an engine (memory, local). The namespace bound is checked and the key written in one
+    step (under the store's lock, in one LMDB transaction): exact across threads and processes. Checking
+    counts the namespace's live keys, once per write of a new key."""
+
+    def __init__(self, engine: ScanningEngine) -> None:
+        self._engine = engine
+        self.backend = engine.backend
+
+    @staticmethod
+    def _key(ns: bytes, key: bytes) -> bytes:
+        return EDGE_NAMESPACE + ns + b"\0" + key
+
+    def get(self, ns: bytes, key: bytes) -> bytes | None:
+        entry = self._engine.get(self._key(ns, key))
+        return None if entry is None else entry[0]
+
+    def put(self, ns: bytes, key: bytes, value: bytes, ttl: float, max_keys: int) -> bool:
+        head = EDGE_NAMESPACE + ns + b"\0"
+        return self._engine.put_bounded(head + key, value, ttl, head, max_keys)
+
+    def delete(self, ns: bytes, key: bytes) -> bool:
+        return self._engine.delete(self._key(ns, key))
+
+    def incr(self, ns: bytes, key: bytes, delta: int, ttl: float, max_keys: int) -> int | None:
+        head = EDGE_NAMESPACE + ns + b"\0"
+        return self._engine.incr_bounded(head + key, delta, ttl, head, max_keys)
+
+    def scan(self, ns: bytes, prefix: bytes, limit: int) -> list[bytes]:
+        head = EDGE_NAMESPACE + ns + b"\0"
+        return [k[len(head) :] for k in self._engine.scan(head + prefix, limit)]
+
+
 # ---------------------------------------------------------------------------------------------------- queues
 
 # Tokens are derived from (vm_id, name), so every process (and node) agrees on them without a round trip;
@@ -340,8 +421,10 @@ class SharedState:
         aclose: Callable[[], Awaitable[None]] | None = None,
         healthy: Callable[[], bool] | None = None,
         error_counts: Callable[[], dict[str, int]] | None = None,
+        edge: EdgeStore | None = None,
     ) -> None:
         self.backend = backend
+        self.edge = edge
         self.shared_data = shared_data
         self.queues = queues
         self.kv = kv

@@ -34,7 +34,16 @@ import lmdb
 
 from ..exceptions import StateError
 from ..runtime.abi import Status
-from .base import CAS_CREATE, MAX_CAS, EngineKV, EngineSharedData, QueueHub, SharedState, parse_int
+from .base import (
+    CAS_CREATE,
+    MAX_CAS,
+    EngineEdgeStore,
+    EngineKV,
+    EngineSharedData,
+    QueueHub,
+    SharedState,
+    parse_int,
+)
 
 __all__ = ["FORMAT_VERSION", "LocalQueueStorage", "LocalStore", "open_local_state"]
 
@@ -258,6 +267,60 @@ class LocalStore:
 
         return self._write(op)
 
+    def scan(self, prefix: bytes, limit: int) -> list[bytes]:
+        """Live keys starting with ``prefix`` in byte order, at most ``limit`` (one read transaction, a cursor
+        over the prefix's range). Keys longer than LMDB's limit are stored by digest and never listed."""
+        try:
+            with self._environment().begin(db=self._data) as txn:
+                return self._scan(txn, prefix, limit, time.time())
+        except lmdb.Error as exc:
+            raise StateError(f"local state read failed: {exc}", "local") from None
+
+    def put_bounded(self, key: bytes, value: bytes, ttl: float, prefix: bytes, max_keys: int) -> bool:
+        """Write unless ``key`` is new and ``max_keys`` live keys already start with ``prefix``: one write
+        transaction, so exact across processes."""
+        dbkey = self._dbkey(key)
+        value = bytes(value)
+
+        def op(txn: lmdb.Transaction, meta: list[int], now: float) -> bool:
+            raw = _get(txn, dbkey, db=self._data)
+            live = raw is not None and _ENTRY.unpack_from(raw)[1] > now
+            if not live and len(self._scan(txn, prefix, max_keys, now)) >= max_keys:
+                return False
+            self._store(txn, meta, dbkey, raw, value, now + ttl, now)
+            return True
+
+        return self._write(op)
+
+    def incr_bounded(self, key: bytes, delta: int, ttl: float, prefix: bytes, max_keys: int) -> int | None:
+        """`incr`, or None when ``key`` is new and ``max_keys`` live keys already start with ``prefix``."""
+        dbkey = self._dbkey(key)
+
+        def op(txn: lmdb.Transaction, meta: list[int], now: float) -> int | None:
+            raw = _get(txn, dbkey, db=self._data)
+            expires = now + ttl
+            total = delta
+            if raw is not None and _ENTRY.unpack_from(raw)[1] > now:
+                total, expires = parse_int(raw[_ENTRY.size :]) + delta, _ENTRY.unpack_from(raw)[1]
+            elif len(self._scan(txn, prefix, max_keys, now)) >= max_keys:
+                return None
+            self._store(txn, meta, dbkey, raw, str(total).encode(), expires, now)
+            return total
+
+        return self._write(op)
+
+    def _scan(self, txn: lmdb.Transaction, prefix: bytes, limit: int, now: float) -> list[bytes]:
+        out: list[bytes] = []
+        cursor = txn.cursor(db=self._data)
+        if cursor.set_range(prefix):
+            for key, raw in cursor:
+                key = _bytes(key)
+                if not key.startswith(prefix) or len(out) >= limit:
+                    break
+                if _ENTRY.unpack_from(raw)[1] > now:
+                    out.append(key)
+        return out
+
     def stats(self) -> dict[str, int]:
         """Entries and bytes as counted for the bounds, and the file's size on disk."""
         try:
@@ -480,4 +543,5 @@ def open_local_state(
         queues=QueueHub(LocalQueueStorage(store), max_item_bytes=max_value_bytes),
         kv=EngineKV(store, ttl=default_ttl, max_value_bytes=max_value_bytes),
         close=store.close,
+        edge=EngineEdgeStore(store),
     )

@@ -13,7 +13,16 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from ..runtime.abi import Status
-from .base import CAS_CREATE, MAX_CAS, EngineKV, EngineSharedData, QueueHub, SharedState, parse_int
+from .base import (
+    CAS_CREATE,
+    MAX_CAS,
+    EngineEdgeStore,
+    EngineKV,
+    EngineSharedData,
+    QueueHub,
+    SharedState,
+    parse_int,
+)
 
 __all__ = ["MemoryQueueStorage", "MemoryStore", "open_memory_state"]
 # Bookkeeping counted per entry on top of key and value, so a flood of empty values is bounded by bytes too.
@@ -111,6 +120,37 @@ class MemoryStore:
             self._drop(key)
             return live
 
+    def scan(self, prefix: bytes, limit: int) -> list[bytes]:
+        """Live keys starting with ``prefix``, sorted, at most ``limit``: a pass over every entry (the edge
+        data has a store of its own, so that is the filters' namespaces, which are small)."""
+        with self._lock:
+            keys = self._scan(prefix, self._clock())
+        keys.sort()
+        return keys[:limit]
+
+    def put_bounded(self, key: bytes, value: bytes, ttl: float, prefix: bytes, max_keys: int) -> bool:
+        """Write unless ``key`` is new and ``max_keys`` live keys already start with ``prefix``."""
+        with self._lock:
+            now = self._clock()
+            if self._live(key, now) is None and len(self._scan(prefix, now)) >= max_keys:
+                return False
+            self._store(key, value, now + ttl, now)
+            return True
+
+    def incr_bounded(self, key: bytes, delta: int, ttl: float, prefix: bytes, max_keys: int) -> int | None:
+        """`incr`, or None when ``key`` is new and ``max_keys`` live keys already start with ``prefix``."""
+        with self._lock:
+            now = self._clock()
+            current = self._live(key, now)
+            if current is None:
+                if len(self._scan(prefix, now)) >= max_keys:
+                    return None
+                total, expires = delta, now + ttl
+            else:
+                total, expires = parse_int(current[0]) + delta, current[2]
+            self._store(key, str(total).encode(), expires, now)
+            return total
+
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
@@ -127,6 +167,9 @@ class MemoryStore:
             self._drop(key)
             return None
         return entry
+
+    def _scan(self, prefix: bytes, now: float) -> list[bytes]:
+        return [k for k, e in self._data.items() if e[2] > now and k.startswith(prefix)]
 
     def _drop(self, key: bytes) -> None:
         entry = self._data.pop(key, None)
@@ -215,4 +258,7 @@ def open_memory_state(
         queues=QueueHub(queues, max_item_bytes=max_value_bytes),
         kv=EngineKV(store, ttl=default_ttl, max_value_bytes=max_value_bytes),
         close=store.close,
+        # The filters' namespaces get a store of their own: bounding a namespace counts its keys, which must
+        # not mean a pass over every shared-data and cache entry.
+        edge=EngineEdgeStore(MemoryStore(max_entries=max_entries, max_bytes=max_bytes)),
     )

@@ -4,6 +4,9 @@ Keys (``prefix`` = ``state.key_prefix``, one per gateway cluster sharing a Redis
 
 * ``prefix d:<key>``  shared data, ``prefix k:<key>`` the async KV: a string ``cas (u32 big-endian) + value``,
   always with a TTL (PX). Writes are one Lua script: compare, assign the next cas, write, atomically.
+* ``prefix e:{<ns>}:<key>`` the filters' KV namespaces (wasm_gateway/edge/): the plain value with a TTL;
+  ``prefix e:{<ns>}`` (no colon after the brace) a sorted set of the namespace's keys scored by expiry (ms),
+  which bounds the namespace and lists it. The hash tag keeps a namespace in one Redis Cluster slot.
 * ``prefix q:{<token>}:n`` a queue's registration (its ident), ``prefix q:{<token>}:l`` its items (a list);
   the hash tag keeps both in one Redis Cluster slot.
 
@@ -45,6 +48,7 @@ from .memory import MemoryStore
 
 __all__ = [
     "RedisBackend",
+    "RedisEdgeStore",
     "RedisHealth",
     "RedisKV",
     "RedisQueueStorage",
@@ -117,6 +121,50 @@ redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
+"""
+
+# The filters' namespaced KV. KEYS[1] value, KEYS[2] the namespace's index; ARGV: value, ttl ms, max keys, key.
+# -> 1 written, 0 the key is new and the namespace full. Expired index members go first.
+_EDGE_SET_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[4])
+if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
+return 1
+"""
+
+# As above with ARGV: delta, ttl ms (new keys), max keys, key. -> {1, total}, {0} full, {-1} not an integer,
+# {-2} the total would leave i64 (an error answered to the filter, not a Redis failure).
+_EDGE_INCR_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  if string.find(cur, '^%-?%d+$') == nil then return {-1} end
+  local total = redis.pcall('INCRBY', KEYS[1], ARGV[1])
+  if type(total) == 'table' then return {-2} end
+  return {1, tostring(total)}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return {0} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[4])
+if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
+return {1, ARGV[1]}
+"""
+
+# KEYS[1] a namespace's index -> its live keys (expiry after Redis's own clock, so nodes' clocks do not matter).
+_EDGE_LIST_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
 """
 
 Kind = Literal["timeout", "connection", "error"]
@@ -263,6 +311,9 @@ class RedisBackend:
         self.incr_script = self.client.register_script(_INCR_LUA)
         self.claim_script = self.client.register_script(_CLAIM_LUA)
         self.push_script = self.client.register_script(_PUSH_LUA)
+        self.edge_set_script = self.client.register_script(_EDGE_SET_LUA)
+        self.edge_incr_script = self.client.register_script(_EDGE_INCR_LUA)
+        self.edge_list_script = self.client.register_script(_EDGE_LIST_LUA)
         self._async: tuple[asyncio.AbstractEventLoop, redis.asyncio.Redis] | None = None
 
     def _client_options(self, retry: object) -> dict[str, Any]:
@@ -472,6 +523,67 @@ class RedisQueueStorage:
         return item
 
 
+class RedisEdgeStore:
+    """`EdgeStore` on Redis with the sync client (host calls are synchronous, like shared data). No
+    fallback store whatever the policy: a filter's data must not silently fork per process, so a failure
+    raises `StateUnavailableError` and the filter gets an ``unavailable`` result."""
+
+    backend = "redis"
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self._b = backend
+        self._client = backend.client
+        self._prefix = backend.prefix + b"e:{"
+
+    def _keys(self, ns: bytes, key: bytes) -> tuple[bytes, bytes]:
+        index = self._prefix + ns + b"}"
+        return index + b":" + key, index
+
+    def _call(self, operation: str, call: Callable[[], Any]) -> Any:
+        health = self._b.health
+        if not health.allow():
+            raise self._b.unavailable(operation)
+        try:
+            result = call()
+        except RedisError as exc:
+            health.failure(operation, exc)
+            raise self._b.unavailable(f"{operation}: {exc}") from None
+        health.success()
+        return result
+
+    def get(self, ns: bytes, key: bytes) -> bytes | None:
+        value: bytes | None = self._call("kv get", lambda: self._client.get(self._keys(ns, key)[0]))
+        return value
+
+    def put(self, ns: bytes, key: bytes, value: bytes, ttl: float, max_keys: int) -> bool:
+        keys = list(self._keys(ns, key))
+        args: list[bytes | int] = [value, max(1, round(ttl * 1000)), max_keys, key]
+        return bool(self._call("kv set", lambda: self._b.edge_set_script(keys=keys, args=args)))
+
+    def delete(self, ns: bytes, key: bytes) -> bool:
+        full, index = self._keys(ns, key)
+        pipe = self._client.pipeline(transaction=True)
+        pipe.delete(full)
+        pipe.zrem(index, key)
+        removed = self._call("kv delete", pipe.execute)
+        return bool(removed[0])
+
+    def incr(self, ns: bytes, key: bytes, delta: int, ttl: float, max_keys: int) -> int | None:
+        keys = list(self._keys(ns, key))
+        args: list[bytes | int] = [delta, max(1, round(ttl * 1000)), max_keys, key]
+        result = self._call("kv incr", lambda: self._b.edge_incr_script(keys=keys, args=args))
+        if result[0] == -1:
+            raise ValueError("the stored value is not an integer")
+        if result[0] == -2:
+            raise ValueError("the total would not fit in a signed 64-bit integer")
+        return None if result[0] == 0 else int(result[1])
+
+    def scan(self, ns: bytes, prefix: bytes, limit: int) -> list[bytes]:
+        index = self._keys(ns, b"")[1]
+        members: list[bytes] = self._call("kv list", lambda: self._b.edge_list_script(keys=[index]))
+        return sorted(m for m in members if m.startswith(prefix))[:limit]
+
+
 def open_redis_state(
     url: str,
     *,
@@ -509,4 +621,5 @@ def open_redis_state(
         aclose=backend.aclose,
         healthy=lambda: backend.health.up,
         error_counts=lambda: backend.health.counts,
+        edge=RedisEdgeStore(backend),
     )

@@ -112,6 +112,7 @@ const host = struct {
     ) u32;
     extern "env" fn proxy_set_effective_context(ctx: u32) u32;
     extern "env" fn proxy_set_tick_period_milliseconds(ms: u32) u32;
+    extern "env" fn proxy_call_foreign_function(np: [*]const u8, nl: usize, ap: [*]const u8, al: usize, rp: *?[*]u8, rl: *usize) u32;
 };
 
 /// A pointer the host accepts for a zero-length argument (an empty slice's pointer may be anywhere).
@@ -664,6 +665,245 @@ pub fn isToken(s: []const u8) bool {
     }
     return true;
 }
+
+// ------------------------------------------------------------------------------------------------ edge data
+
+/// Calls a host foreign function; its result lands in scratch memory.
+pub fn callForeignFunction(name: []const u8, args: []const u8) HostError![]const u8 {
+    var ptr: ?[*]u8 = null;
+    var len: usize = 0;
+    const s = status(host.proxy_call_foreign_function(ptrOf(name), name.len, ptrOf(args), args.len, &ptr, &len));
+    if (s != .ok) return error.HostCallFailed;
+    return received(ptr, len);
+}
+
+/// Result codes of the edge-data functions (docs/edge-data.md, encoding version 1).
+pub const EdgeCode = enum(u8) {
+    ok = 0,
+    not_found = 1,
+    bad_request = 2,
+    denied = 3,
+    limit = 4,
+    timeout = 5,
+    unavailable = 6,
+    conflict = 7,
+    internal = 8,
+    _,
+};
+
+/// An error result: the code and a reason for people (in scratch memory).
+pub const EdgeError = struct { code: EdgeCode, reason: []const u8 };
+
+/// What an edge-data call answers: the value, not_found (kv.get only), or an error with its reason.
+pub fn EdgeResult(comptime T: type) type {
+    return union(enum) { ok: T, not_found, err: EdgeError };
+}
+
+const edge_version: u8 = 1;
+
+const EdgeWriter = struct {
+    buf: std.ArrayListUnmanaged(u8) = .{},
+    failed: bool = false,
+
+    fn start() EdgeWriter {
+        var w: EdgeWriter = .{};
+        w.byte(edge_version);
+        return w;
+    }
+    fn raw(w: *EdgeWriter, data: []const u8) void {
+        w.buf.appendSlice(scratch, data) catch {
+            w.failed = true;
+        };
+    }
+    fn byte(w: *EdgeWriter, b: u8) void {
+        w.raw(&.{b});
+    }
+    fn int(w: *EdgeWriter, comptime T: type, v: T) void {
+        var tmp: [@sizeOf(T)]u8 = undefined;
+        std.mem.writeInt(T, &tmp, v, .little);
+        w.raw(&tmp);
+    }
+    fn bytes(w: *EdgeWriter, data: []const u8) void {
+        w.int(u32, @intCast(data.len));
+        w.raw(data);
+    }
+};
+
+const EdgeReader = struct {
+    data: []const u8,
+    pos: usize = 2,
+
+    fn take(r: *EdgeReader, n: usize) ?[]const u8 {
+        if (r.data.len - r.pos < n) return null;
+        const out = r.data[r.pos .. r.pos + n];
+        r.pos += n;
+        return out;
+    }
+    fn int(r: *EdgeReader, comptime T: type) ?T {
+        const b = r.take(@sizeOf(T)) orelse return null;
+        return std.mem.readInt(T, b[0..@sizeOf(T)], .little);
+    }
+    fn bytes(r: *EdgeReader) ?[]const u8 {
+        const n = r.int(u32) orelse return null;
+        return r.take(n);
+    }
+};
+
+fn edgeFailure(comptime T: type, code: EdgeCode, reason: []const u8) EdgeResult(T) {
+    return .{ .err = .{ .code = code, .reason = reason } };
+}
+
+/// Sends the arguments and checks the result's version and code; on .ok the reader is at the payload.
+fn edgeCall(comptime T: type, name: []const u8, w: *EdgeWriter, reader: *EdgeReader) ?EdgeResult(T) {
+    if (w.failed) return edgeFailure(T, .internal, "out of memory");
+    const raw = callForeignFunction(name, w.buf.items) catch
+        return edgeFailure(T, .internal, "the host has no edge-data functions (foreign function call failed)");
+    if (raw.len < 2 or raw[0] != edge_version) return edgeFailure(T, .internal, "unexpected result encoding");
+    reader.* = .{ .data = raw };
+    const code: EdgeCode = @enumFromInt(raw[1]);
+    switch (code) {
+        .ok => return null,
+        .not_found => return .not_found,
+        else => return edgeFailure(T, code, reader.bytes() orelse ""),
+    }
+}
+
+fn truncated(comptime T: type) EdgeResult(T) {
+    return edgeFailure(T, .internal, "truncated result");
+}
+
+/// The KV namespaces granted to this filter (`kv = [...]` in its config). ttl_ms 0: the namespace's default.
+pub const kv = struct {
+    pub const KeyList = struct { keys: []const []const u8, truncated: bool };
+
+    fn head(ns: []const u8, key: []const u8) EdgeWriter {
+        var w = EdgeWriter.start();
+        w.bytes(ns);
+        w.bytes(key);
+        return w;
+    }
+
+    pub fn get(ns: []const u8, key: []const u8) EdgeResult([]const u8) {
+        var w = head(ns, key);
+        var r: EdgeReader = undefined;
+        if (edgeCall([]const u8, "kv.get", &w, &r)) |early| return early;
+        return .{ .ok = r.bytes() orelse return truncated([]const u8) };
+    }
+
+    pub fn set(ns: []const u8, key: []const u8, value: []const u8, ttl_ms: u32) EdgeResult(void) {
+        var w = head(ns, key);
+        w.bytes(value);
+        w.int(u32, ttl_ms);
+        var r: EdgeReader = undefined;
+        if (edgeCall(void, "kv.set", &w, &r)) |early| return early;
+        return .{ .ok = {} };
+    }
+
+    /// .ok = whether a live entry was removed.
+    pub fn delete(ns: []const u8, key: []const u8) EdgeResult(bool) {
+        var w = head(ns, key);
+        var r: EdgeReader = undefined;
+        if (edgeCall(bool, "kv.delete", &w, &r)) |early| return early;
+        const b = r.take(1) orelse return truncated(bool);
+        return .{ .ok = b[0] != 0 };
+    }
+
+    /// Atomic add (an absent key counts as 0); ttl_ms applies when the key is created.
+    pub fn incr(ns: []const u8, key: []const u8, delta: i64, ttl_ms: u32) EdgeResult(i64) {
+        var w = head(ns, key);
+        w.int(i64, delta);
+        w.int(u32, ttl_ms);
+        var r: EdgeReader = undefined;
+        if (edgeCall(i64, "kv.incr", &w, &r)) |early| return early;
+        return .{ .ok = r.int(i64) orelse return truncated(i64) };
+    }
+
+    /// Keys starting with `prefix`, in byte order, at most `limit` (0: the namespace's max_list).
+    pub fn list(ns: []const u8, prefix: []const u8, limit: u32) EdgeResult(KeyList) {
+        var w = head(ns, prefix);
+        w.int(u32, limit);
+        var r: EdgeReader = undefined;
+        if (edgeCall(KeyList, "kv.list", &w, &r)) |early| return early;
+        const n = r.int(u32) orelse return truncated(KeyList);
+        const keys = scratch.alloc([]const u8, n) catch return edgeFailure(KeyList, .internal, "out of memory");
+        for (keys) |*k| k.* = r.bytes() orelse return truncated(KeyList);
+        const more = r.take(1) orelse return truncated(KeyList);
+        return .{ .ok = .{ .keys = keys, .truncated = more[0] != 0 } };
+    }
+};
+
+/// A SQL parameter or result value.
+pub const SqlValue = union(enum) {
+    null,
+    integer: i64,
+    real: f64,
+    text: []const u8,
+    blob: []const u8,
+};
+
+/// The read-only SQLite databases granted to this filter (`sql = [...]` in its config).
+pub const sql = struct {
+    pub const Rows = struct {
+        columns: []const []const u8,
+        /// Row-major: row i is values[i * columns.len ..][0..columns.len].
+        values: []const SqlValue,
+        count: usize,
+
+        pub fn row(self: Rows, i: usize) []const SqlValue {
+            return self.values[i * self.columns.len ..][0..self.columns.len];
+        }
+    };
+
+    fn readValue(r: *EdgeReader) ?SqlValue {
+        const t = r.take(1) orelse return null;
+        return switch (t[0]) {
+            0 => .null,
+            1 => .{ .integer = r.int(i64) orelse return null },
+            2 => .{ .real = @bitCast(r.int(u64) orelse return null) },
+            3 => .{ .text = r.bytes() orelse return null },
+            4 => .{ .blob = r.bytes() orelse return null },
+            else => null,
+        };
+    }
+
+    /// Runs one read-only statement with `?` parameters; all rows come back at once (bounded by the
+    /// database's max_rows and max_bytes).
+    pub fn query(db: []const u8, statement: []const u8, params: []const SqlValue) EdgeResult(Rows) {
+        var w = EdgeWriter.start();
+        w.bytes(db);
+        w.bytes(statement);
+        w.int(u32, @intCast(params.len));
+        for (params) |p| switch (p) {
+            .null => w.byte(0),
+            .integer => |v| {
+                w.byte(1);
+                w.int(i64, v);
+            },
+            .real => |v| {
+                w.byte(2);
+                w.int(u64, @bitCast(v));
+            },
+            .text => |v| {
+                w.byte(3);
+                w.bytes(v);
+            },
+            .blob => |v| {
+                w.byte(4);
+                w.bytes(v);
+            },
+        };
+        var r: EdgeReader = undefined;
+        if (edgeCall(Rows, "sql.query", &w, &r)) |early| return early;
+        const ncols = r.int(u32) orelse return truncated(Rows);
+        const columns = scratch.alloc([]const u8, ncols) catch return edgeFailure(Rows, .internal, "out of memory");
+        for (columns) |*c| c.* = r.bytes() orelse return truncated(Rows);
+        const nrows = r.int(u32) orelse return truncated(Rows);
+        const values = scratch.alloc(SqlValue, @as(usize, nrows) * ncols) catch
+            return edgeFailure(Rows, .internal, "out of memory");
+        for (values) |*v| v.* = readValue(&r) orelse return truncated(Rows);
+        return .{ .ok = .{ .columns = columns, .values = values, .count = nrows } };
+    }
+};
 
 // ------------------------------------------------------------------------------------------------ exports
 
