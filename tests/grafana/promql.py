@@ -19,19 +19,6 @@ GRAFANA = ROOT / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "wasm-gateway.json"
 ALERTS = GRAFANA / "prometheus" / "wasm-gateway-alerts.yml"
 
-# Metrics provided by the response cache (issue 6), built in parallel: the dashboard's cache row uses them,
-# and until the cache is merged the gateway does not export them. The tests tolerate exactly these being
-# absent from the gateway's output. The lead removes this tolerance (empties this set) when the cache merges.
-CACHE_METRICS = frozenset(
-    {
-        "wasm_gateway_cache_lookups_total",
-        "wasm_gateway_cache_stored_bytes",
-        "wasm_gateway_cache_entries",
-        "wasm_gateway_cache_evictions_total",
-        "wasm_gateway_cache_coalesced_waits_total",
-    }
-)
-
 # Grafana's own variables (and the value the tests give them when asking Prometheus directly).
 BUILTIN_VARIABLES = {"__rate_interval": "1m", "__interval": "15s", "__range": "5m"}
 # Series Prometheus makes itself for every target.

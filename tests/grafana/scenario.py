@@ -45,11 +45,8 @@ COUNTING_FILTER_IMPORTS = (
 
 def write_config(tmp_path: Path, *, port: int, origin_port: int, dead_port: int) -> Path:
     """Routes: proxy (plain), private (builtin:auth), limited (builtin:rate-limit, LMDB state so the limit
-    holds across workers), wasm (the counting/trapping WAT filter), broken (an upstream nobody listens on).
-
-    When the response cache (issue 6) is merged: add a cached route here, requests to it in `drive` (a miss,
-    then hits), their counts in `expected_counts` (wasm_gateway_cache_lookups_total by result), and empty
-    promql.CACHE_METRICS so the cache row's queries must return data too."""
+    holds across workers), wasm (the counting/trapping WAT filter), broken (an upstream nobody listens on),
+    cached (the response cache on LMDB, shared by the workers: one miss, then hits)."""
     module = tmp_path / "counting.wasm"
     module.write_bytes(filter_module(COUNTING_FILTER_BODY, imports=COUNTING_FILTER_IMPORTS))
     key_hash = hashlib.sha256(API_KEY.encode()).hexdigest()
@@ -116,6 +113,16 @@ name = "broken"
 path_prefix = "/broken"
 upstream = "dead"
 
+[[routes]]
+name = "cached"
+path_prefix = "/cached"
+upstream = "origin"
+cache = {{ enabled = true, default_ttl = 3600 }}
+
+[cache]
+backend = "local"
+path = "{tmp_path / "cache"}"
+
 [log]
 access_log = false
 """
@@ -143,6 +150,7 @@ WASM_OK = 16
 WASM_TRAPS = 4
 BROKEN = 4
 NOT_FOUND = 3
+CACHED = 6  # per round: the first request of the first round misses, every other one is a hit
 
 
 def drive(port: int, traffic: Traffic | None = None, *, first: bool = True) -> Traffic:
@@ -179,6 +187,8 @@ def drive(port: int, traffic: Traffic | None = None, *, first: bool = True) -> T
     for _ in range(NOT_FOUND):
         send("-", "GET", "/nowhere", 404)
         traffic.not_found += 1
+    for _ in range(CACHED):
+        send("cached", "GET", "/cached/page", 200)
     traffic.rounds += 1
     return traffic
 
@@ -188,7 +198,7 @@ def expected_counts(traffic: Traffic) -> dict[str, float]:
     n = traffic.rounds
     allowed = RATE_LIMIT  # the limit is per hour: only the first round's first requests pass
     limited = LIMITED * n - allowed
-    upstream_answers = (PROXY_GETS + PROXY_POSTS + PRIVATE_OK + WASM_OK) * n + allowed
+    upstream_answers = (PROXY_GETS + PROXY_POSTS + PRIVATE_OK + WASM_OK) * n + allowed + 1  # + the cache miss
     wasm_requests = (WASM_OK + WASM_TRAPS) * n
     out: dict[str, float] = {
         f'sum(wasm_gateway_request_duration_seconds_count{{route="{route}",status_class="{sc}"}})': float(
@@ -233,4 +243,8 @@ def expected_counts(traffic: Traffic) -> dict[str, float]:
     out['min(wasm_gateway_upstream_healthy_targets{upstream="origin"})'] = 1.0
     out['max(wasm_gateway_upstream_targets{upstream="dead"})'] = 1.0
     out["sum(wasm_gateway_requests_in_flight)"] = 0.0
+    out['sum(wasm_gateway_cache_lookups_total{route="cached",result="miss"})'] = 1.0
+    out['sum(wasm_gateway_cache_lookups_total{route="cached",result="hit"})'] = float(CACHED * n - 1)
+    out["sum(wasm_gateway_cache_lookups_total)"] = float(CACHED * n)
+    out['sum(wasm_gateway_cache_coalesced_waits_total{route="cached"})'] = 0.0
     return out

@@ -28,12 +28,10 @@ from tests.grafana import scenario
 from tests.grafana.promql import (
     ALERTS,
     BUILTIN_VARIABLES,
-    CACHE_METRICS,
     alert_rules,
     dashboard,
     label_values,
     legend_labels,
-    metric_names,
     panel_queries,
     substitute,
     tool,
@@ -195,7 +193,6 @@ def test_dashboard_and_alerts_against_prometheus_scraping_two_workers(
 def check_dashboard_queries(prometheus: Prometheus, port: int) -> None:
     board = dashboard()
     values = {name: ".*" for name in variables(board)} | BUILTIN_VARIABLES
-    present = {name for name in CACHE_METRICS if prometheus.series(name)}
     for name, variable in variables(board).items():
         if variable["type"] != "query":
             continue
@@ -204,10 +201,6 @@ def check_dashboard_queries(prometheus: Prometheus, port: int) -> None:
         assert found, f"variable {name}: {selector} has no {label} values"
     for query in panel_queries(board):
         expr = substitute(query.expr, values)
-        names = metric_names(expr)
-        if names <= CACHE_METRICS and not names & present:
-            # Provided by the cache issue: tolerated until it is merged (see CACHE_METRICS).
-            continue
         result = prometheus.query(expr)
         assert result, f"{query.where}: no data for {expr}"
         assert any(not math.isnan(float(r["value"][1])) for r in result), f"{query.where}: only NaN: {result}"
