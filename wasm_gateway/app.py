@@ -1022,14 +1022,7 @@ class Gateway:
                     call, stale, age, b"wasm-gateway; hit; ttl=%d; detail=stale-if-error" % int(ttl)
                 )
                 return False
-        fresh = cache_policy.freshness_for(
-            response.status,
-            response.headers,
-            request=call.directives,
-            request_time=request_time,
-            response_time=response_time,
-            options=rc.options,
-        )
+        fresh = call.freshness(response.status, response.headers, request_time, response_time)
         vary = cache_policy.parse_vary(response.headers)
         writer: EntryWriter | None = None
         fwd_status = b"" if stale is None else b"; fwd-status=%d" % response.status
@@ -1093,14 +1086,7 @@ class Gateway:
         if merged is None:
             return stale
         date = [(n, v) for n, v in fresh_headers if n == b"date" or n == b"age"]
-        freshness = cache_policy.freshness_for(
-            stale.status,
-            [*merged, *date],
-            request=call.directives,
-            request_time=request_time,
-            response_time=response_time,
-            options=call.cache.options,
-        )
+        freshness = call.freshness(stale.status, [*merged, *date], request_time, response_time)
         if not isinstance(freshness, Freshness):
             return Entry(
                 stale.key,
@@ -1215,14 +1201,7 @@ class Gateway:
                 if response.status == 304:
                     await self._merge_304(call, entry, response.headers, request_time, response_time)
                     return
-                fresh = cache_policy.freshness_for(
-                    response.status,
-                    response.headers,
-                    request=call.directives,
-                    request_time=request_time,
-                    response_time=response_time,
-                    options=rc.options,
-                )
+                fresh = call.freshness(response.status, response.headers, request_time, response_time)
                 vary = cache_policy.parse_vary(response.headers)
                 if not isinstance(fresh, Freshness) or vary is None:
                     return
@@ -2405,6 +2384,19 @@ class _CacheCall:
         self.url = ""
         self.primary = b""
         self.extra = b""
+
+    def freshness(
+        self, status: int, headers: Headers, request_time: float, response_time: float
+    ) -> Freshness | str:
+        """``cache_policy.freshness_for`` a response to this request, under the route's cache options."""
+        return cache_policy.freshness_for(
+            status,
+            headers,
+            request=self.directives,
+            request_time=request_time,
+            response_time=response_time,
+            options=self.cache.options,
+        )
 
     @property
     def headers(self) -> Headers:
