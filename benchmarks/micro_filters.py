@@ -2,7 +2,8 @@
 
     python benchmarks/micro_filters.py [--quick] [--json]        # taskset -c 1 ... on a shared machine
 
-Each sample is one whole request through the runtime's request driver (`ChainStream`): start, request
+Each sample is one whole request through the runtime's request driver (`ChainStream`, as in
+tests/filters/auth_bench.py, whose driver it shares): start, request
 headers, response headers, finish, i.e. every callback the gateway makes for a request without a body. The
 filters run with the configurations of the gateway benchmarks (`benchmarks/systems.py`); rate limiting uses
 the in-process shared-data backend. Target: <= 10 us median for transform, geo, rate-limit and API-key auth.
@@ -16,7 +17,6 @@ import asyncio
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -76,28 +76,6 @@ def runtime_for(stem: str, configuration: dict[str, Any]) -> FilterRuntime:
     return FilterRuntime.load([spec])
 
 
-async def one_request(runtime: FilterRuntime, info: RequestInfo) -> DecisionKind:
-    stream = runtime.chain(list(runtime.specs)).start(info)
-    try:
-        d = await stream.on_request_headers(list(REQUEST), True)
-        if d.kind is DecisionKind.RESPOND:
-            return d.kind
-        await stream.on_response_headers(list(RESPONSE), True)
-        return d.kind
-    finally:
-        stream.finish()
-
-
-async def measure(runtime: FilterRuntime, info: RequestInfo, n: int) -> tuple[list[float], DecisionKind]:
-    kind = await one_request(runtime, info)
-    samples = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        await one_request(runtime, info)
-        samples.append((time.perf_counter() - t0) * 1e6)
-    return samples, kind
-
-
 def request_info() -> RequestInfo:
     extra: Any = {}
     try:
@@ -117,10 +95,12 @@ def per_filter(requests: int, rounds: int) -> dict[str, dict[str, float | str]]:
     kinds: dict[str, DecisionKind] = {}
     try:
         for runtime in runtimes.values():
-            asyncio.run(measure(runtime, info, 200))
+            asyncio.run(auth_bench.measure(runtime, REQUEST, 200, info, RESPONSE))
         for _ in range(rounds):  # cases interleaved: a neighbour's burst hits one round of each, not one case
             for label, runtime in runtimes.items():
-                samples, kinds[label] = asyncio.run(measure(runtime, info, requests))
+                samples, kinds[label] = asyncio.run(
+                    auth_bench.measure(runtime, REQUEST, requests, info, RESPONSE)
+                )
                 samples.sort()
                 medians[label].append(statistics.median(samples))
                 p99s[label].append(samples[int(len(samples) * 0.99)])
