@@ -466,3 +466,16 @@ def test_response_head_is_not_held_back_when_the_body_waits(tmp_path: Path) -> N
         assert response.status_code == 200
         client_saw_head.set()
         assert response.read() == b"data: 1"
+
+
+def test_small_empty_and_bodiless_answers_on_one_keep_alive_connection(client: httpx.Client) -> None:
+    # Small answers leave head and body in one write (the head is held for the body write that follows at
+    # once); answers with no body bytes on the wire must never leave a head waiting for a write.
+    for _ in range(3):
+        small = client.get("/echo", timeout=5)
+        assert small.status_code == 200 and small.json()["path"] == "/echo"
+        head = client.head("/echo", timeout=5)
+        assert head.status_code == 200 and head.content == b""
+        empty = client.get("/big?n=0", timeout=5)
+        assert empty.status_code == 200 and empty.content == b"" and empty.headers["content-length"] == "0"
+        assert client.get("/big?n=300000", timeout=5).content == b"x" * 300_000
