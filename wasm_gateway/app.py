@@ -727,21 +727,9 @@ class Gateway:
         exchange.log()
 
     async def _client_chunks(self, receive: Receive, exchange: _Exchange) -> AsyncIterator[bytes]:
-        limit = self._max_body
-        total = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone()
-            chunk = message.get("body", b"")
-            total += len(chunk)
-            if total > limit:
-                raise _BodyTooLarge()
-            exchange.request_bytes = total
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                return
+        async for chunk in _chunks_within(receive, self._max_body):
+            exchange.request_bytes += len(chunk)
+            yield chunk
 
     # -- response cache -------------------------------------------------------------------------------------------
 
@@ -2497,8 +2485,8 @@ def _purge_url(url: str, prefix: bool = False) -> str | None:
     return cache_url(scheme.lower(), authority, canonical)
 
 
-async def _read_limited(receive: Receive, limit: int) -> bytes:
-    parts: list[bytes] = []
+async def _chunks_within(receive: Receive, limit: int) -> AsyncIterator[bytes]:
+    """The request body's non-empty chunks; _BodyTooLarge past ``limit`` bytes, _ClientGone on disconnect."""
     total = 0
     while True:
         message = await receive()
@@ -2508,9 +2496,14 @@ async def _read_limited(receive: Receive, limit: int) -> bytes:
         total += len(chunk)
         if total > limit:
             raise _BodyTooLarge()
-        parts.append(chunk)
+        if chunk:
+            yield chunk
         if not message.get("more_body", False):
-            return b"".join(parts)
+            return
+
+
+async def _read_limited(receive: Receive, limit: int) -> bytes:
+    return b"".join([chunk async for chunk in _chunks_within(receive, limit)])
 
 
 async def _sync_cache_metrics(
