@@ -250,40 +250,31 @@ def _nginx_unavailable(ctx: RunContext) -> str | None:
     return None
 
 
-def _start_express_proxy(ctx: RunContext) -> Server:
+def _start_node_peer(ctx: RunContext, name: str, extra_args: list[str]) -> Server:
+    """``benchmarks/peers/<name>.js PORT ORIGIN_URL *extra_args`` under node, pinned like the gateway."""
     port = free_port()
     node = ctx.tools.path("node")
     assert node is not None and ctx.tools.node_modules is not None
-    script = ctx.repo_root / "benchmarks" / "peers" / "express_proxy.js"
+    script = ctx.repo_root / "benchmarks" / "peers" / f"{name}.js"
     env = dict(os.environ)
     env["NODE_PATH"] = str(ctx.tools.node_modules)
     env["NODE_ENV"] = "production"
     process = ctx.registry.start(
-        "express_proxy",
-        pinned([node, str(script), str(port), ctx.origin_url], ctx.cpus.server),
-        ctx.logs_dir / "express_proxy.log",
+        name,
+        pinned([node, str(script), str(port), ctx.origin_url, *extra_args], ctx.cpus.server),
+        ctx.logs_dir / f"{name}.log",
         env=env,
     )
     wait_until_answers(process, port, "/json", timeout=START_TIMEOUT_SECONDS)
     return Server(process, port, pinned_cpu=single_cpu(ctx.cpus.server))
+
+
+def _start_express_proxy(ctx: RunContext) -> Server:
+    return _start_node_peer(ctx, "express_proxy", [])
 
 
 def _start_express_edge(ctx: RunContext) -> Server:
-    port = free_port()
-    node = ctx.tools.path("node")
-    assert node is not None and ctx.tools.node_modules is not None
-    script = ctx.repo_root / "benchmarks" / "peers" / "express_edge.js"
-    env = dict(os.environ)
-    env["NODE_PATH"] = str(ctx.tools.node_modules)
-    env["NODE_ENV"] = "production"
-    process = ctx.registry.start(
-        "express_edge",
-        pinned([node, str(script), str(port), ctx.origin_url, SMALL_JSON.decode()], ctx.cpus.server),
-        ctx.logs_dir / "express_edge.log",
-        env=env,
-    )
-    wait_until_answers(process, port, "/json", timeout=START_TIMEOUT_SECONDS)
-    return Server(process, port, pinned_cpu=single_cpu(ctx.cpus.server))
+    return _start_node_peer(ctx, "express_edge", [SMALL_JSON.decode()])
 
 
 def _express_unavailable(ctx: RunContext) -> str | None:
