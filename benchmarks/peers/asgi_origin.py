@@ -11,7 +11,7 @@ import argparse
 import uvicorn
 
 from benchmarks.bodies import BODY_BY_PATH
-from benchmarks.peers.asgi_types import Receive, Scope, Send
+from benchmarks.peers.asgi_types import ASGIApp, Receive, Scope, Send
 
 NOT_FOUND = b'{"error":"not found"}'
 
@@ -43,15 +43,16 @@ async def origin_app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-def main(argv: list[str] | None = None) -> None:
+def serve(app: ASGIApp, description: str | None, argv: list[str] | None = None) -> None:
+    """``--host``/``--port`` from the command line, then ``app`` on uvicorn with uvloop and httptools."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
     uvicorn.run(
-        origin_app,
+        app,
         host=args.host,
         port=args.port,
         loop="uvloop",
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> None:
         access_log=False,
         log_level="warning",
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    serve(origin_app, __doc__, argv)
 
 
 if __name__ == "__main__":

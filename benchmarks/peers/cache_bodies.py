@@ -6,10 +6,7 @@ both the origin behind the cached gateway and the "raw uvicorn" it is compared w
 
 from __future__ import annotations
 
-import argparse
-
-import uvicorn
-
+from benchmarks.peers.asgi_origin import serve
 from benchmarks.peers.asgi_types import Receive, Scope, Send
 
 BODIES = {"/1k": b"a" * 1024, "/64k": b"b" * 65536}
@@ -42,22 +39,7 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args(argv)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-    )
+    serve(app, __doc__, argv)
 
 
 if __name__ == "__main__":
