@@ -255,11 +255,7 @@ class Gateway:
             self._cache_metrics = metrics = cache_metrics(shared=c.backend != "memory")
             for name, rc in self._cache_routes.items():
                 rc.bind_metrics(metrics, name)
-            self._tasks.append(
-                asyncio.get_running_loop().create_task(
-                    _sync_cache_metrics(store, metrics, self._flush_cache_counts)
-                )
-            )
+            self._tasks.append(asyncio.get_running_loop().create_task(_sync_cache_metrics(store, metrics)))
 
     async def _sync_metrics_forever(self) -> None:
         while True:
@@ -2506,14 +2502,11 @@ async def _read_limited(receive: Receive, limit: int) -> bytes:
     return b"".join([chunk async for chunk in _chunks_within(receive, limit)])
 
 
-async def _sync_cache_metrics(
-    store: CacheStore, metrics: CacheMetrics, flush: Callable[[], None], interval: float = 1.0
-) -> None:
-    """Lookup counts, stored bytes and records from the engine (shared stores: every process reports the
-    same numbers), evictions as this process's delta."""
+async def _sync_cache_metrics(store: CacheStore, metrics: CacheMetrics, interval: float = 1.0) -> None:
+    """Stored bytes and records from the engine (shared stores: every process reports the same numbers),
+    evictions as this process's delta. (Lookup counts are copied by Gateway.sync_metrics.)"""
     evictions = 0
     while True:
-        flush()
         try:
             stats = store.stats()
         except StateError:
